@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install what the CPU test suite needs into .venv (first run, or when the lock changed), then run pytest.
+# Any arguments go to pytest. CPU only: SGLang's Python classes run on CPU, Triton kernels under
+# TRITON_INTERPRET=1 (set in tests/conftest.py); tests marked `gpu` are skipped without CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${MICROTURN_VENV:-.venv}
+LOCK=requirements/cpu-test.lock
+STAMP="$VENV/.cpu-test-lock.sha256"
+
+if ! { [ -f "$STAMP" ] && sha256sum --quiet -c "$STAMP" >/dev/null 2>&1; }; then
+  echo "installing the CPU test environment into $VENV (first run: a few minutes, ~3 GB download)"
+  python3 -m venv "$VENV"
+  # --no-deps: the lock is SGLang 0.5.17's CPU-importable subset, not its full CUDA dependency set
+  "$VENV/bin/python" -m pip install -q --no-deps -r "$LOCK"
+  sha256sum "$LOCK" > "$STAMP"
+fi
+"$VENV/bin/python" -m pip install -q --no-deps -e .
+"$VENV/bin/sglang-microturn" patch apply >/dev/null
+exec "$VENV/bin/python" -m pytest "$@"

@@ -1,0 +1,44 @@
+"""`sglang-microturn serve`: SGLang's command line plus our defaults; a clear exit 2 without a CUDA GPU."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sglang_microturn.serve import MICROTURN_DEFAULTS, launch_argv
+
+
+def test_defaults_and_default_model_are_added():
+    argv = launch_argv(["--port", "31000"], "/cache/default")
+    assert argv[:3] == [sys.executable, "-m", "sglang.launch_server"]
+    assert argv[3:5] == ["--model-path", "/cache/default"]
+    for flag, value, _ in MICROTURN_DEFAULTS:
+        i = argv.index(flag)
+        assert value is None or argv[i + 1] == value
+    assert argv[-2:] == ["--port", "31000"]
+
+
+@pytest.mark.parametrize("override", [["--attention-backend", "flashinfer"], ["--attention-backend=flashinfer"]])
+def test_user_flags_win_over_defaults(override):
+    argv = launch_argv(["--model-path", "/m", *override], None)
+    assert argv.count("--model-path") == 1 and "/m" in argv
+    assert "triton" not in argv
+    assert argv[-len(override):] == override
+
+
+def test_missing_model_path_without_default_is_an_error():
+    with pytest.raises(ValueError, match="--model-path"):
+        launch_argv([], None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+@pytest.mark.parametrize("args", [[], ["--model-path", "/nonexistent", "--port", "1"]])
+def test_serve_without_cuda_exits_2_with_one_line(args):
+    proc = subprocess.run([sys.executable, "-m", "sglang_microturn.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["sglang-microturn: no CUDA GPU found: `sglang-microturn serve` needs a CUDA GPU "
+                     "(SGLang cannot serve on CPU)"]
+    assert proc.stdout == ""
