@@ -164,7 +164,8 @@ class SessionRig:
         """Committed sequence length of the session's last successful turn."""
         session = self.controller.get(session_id)
         [node] = session.req_nodes.values()
-        return len(node.req.origin_input_ids) + len(node.req.output_ids)
+        # Not len(origin_input_ids): a later turn extends the shared token arrays in place before it commits.
+        return session.committed_origin_len + len(node.req.output_ids)
 
     def leaked_kv(self) -> int:
         """KV slots neither free nor held by a session slot or the radix tree's evictable/protected nodes."""
@@ -175,3 +176,37 @@ class SessionRig:
     def _shared_prefix(self) -> int:
         # A session's first prompt lives in the radix tree AND in its slot's row: count it once.
         return sum(slot.cache_protected_len for slot in self.tree_cache.slots.values() if slot.kv is not None)
+
+    # -- aborts (Scheduler.abort_request) --
+
+    def abort_queued(self, req) -> list:
+        """`Scheduler.abort_request` for a request still in the waiting queue ("abort method 1").
+        Runs the real method on a stand-in scheduler; returns what it sent to the tokenizer manager."""
+        from sglang.srt.disaggregation.utils import DisaggregationMode
+        from sglang.srt.managers.io_struct import AbortReq
+        from sglang.srt.managers.scheduler import Scheduler
+
+        sent = []
+        scheduler = SimpleNamespace(
+            chunked_req=None,
+            waiting_queue=[req],
+            enable_hicache_storage=False,
+            ipc_channels=SimpleNamespace(send_to_tokenizer=SimpleNamespace(send_output=lambda *a: sent.append(a))),
+            disaggregation_mode=DisaggregationMode.NULL,
+            dllm_config=None,
+            grammar_manager=SimpleNamespace(abort_requests=lambda recv: None),
+            ps=SimpleNamespace(pp_size=1),
+            running_batch=None,
+            last_batch=None,
+            tree_cache=self.tree_cache,
+        )
+        Scheduler.abort_request(scheduler, AbortReq(rid=req.rid))
+        assert scheduler.waiting_queue == []
+        return sent
+
+    @staticmethod
+    def abort_running(req) -> None:
+        """`Scheduler.abort_request` for a running request ("abort method 3"): it finishes at its next step."""
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        req.to_finish = FINISH_ABORT()

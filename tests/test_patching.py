@@ -168,7 +168,8 @@ def test_installed_sglang_is_patched():
 
 
 def test_patch_files_apply_with_gnu_patch_too(tmp_path):
-    """Our patches are plain unified diffs that upstream tooling (`patch -p1`) accepts."""
+    """Our patches are plain unified diffs that upstream tooling (`patch -p1`) accepts, and it produces
+    exactly what our machinery produces."""
     if shutil.which("patch") is None:
         pytest.skip("GNU patch not installed")
     import subprocess
@@ -178,6 +179,8 @@ def test_patch_files_apply_with_gnu_patch_too(tmp_path):
     for rel in sorted({fp.path for p in patches for fp in p.files}):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(patching.pristine_source(rel, installed, patches))
-    for path in sorted(patching.patches_dir().glob("*.patch")):
-        proc = subprocess.run(["patch", "-p1", "--dry-run", "-d", str(tmp_path), "-i", str(path)], capture_output=True, text=True)
+    for path in sorted(patching.patches_dir().glob("*.patch")):  # in order: later patches may build on earlier
+        proc = subprocess.run(["patch", "-p1", "-d", str(tmp_path), "-i", str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rel in sorted({fp.path for p in patches for fp in p.files}):
+        assert (tmp_path / rel).read_text() == (installed.root / rel).read_text()

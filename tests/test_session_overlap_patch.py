@@ -1,25 +1,14 @@
 """Patch 0001: a rejected overlapping append must not clear the in-flight guard of the running turn.
 
 The scenario runs SGLang's real session classes (tests/session_rig.py). It runs twice: against the installed,
-patched SGLang, where the guard holds, and in a subprocess against the pristine 0.5.17 source of the patched
-modules (rebuilt by reverse-applying our patches in memory), where the bug must reproduce. The second run is
-what proves the test can fail.
+patched SGLang, where the guard holds, and against SGLang as shipped (tests/pristine_sglang.py), where the bug
+must reproduce. The second run is what proves the test can fail.
 """
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from pristine_sglang import run_on_pristine_sglang
 
 from sglang_microturn import patching
-
-PATCHED_MODULES = {
-    "sglang.srt.session.session_controller": "sglang/srt/session/session_controller.py",
-    "sglang.srt.session.streaming_session": "sglang/srt/session/streaming_session.py",
-}
 
 
 def overlap_scenario(first_turn_running: bool) -> dict:
@@ -64,33 +53,9 @@ def test_patched_sglang_keeps_guard_of_running_turn(sglang_ctx, first_turn_runni
     }
 
 
-_PRISTINE_RUN = textwrap.dedent(
-    """
-    import json, sys, types
-    from sglang_microturn import patching
-    target = patching.installed_sglang()
-    patches = patching.load_patches()
-    for name, rel in {modules!r}.items():
-        module = types.ModuleType(name)
-        module.__file__ = str(target.root / rel)
-        sys.modules[name] = module  # before exec: dataclasses look their module up in sys.modules
-        exec(compile(patching.pristine_source(rel, target, patches), module.__file__, "exec"), module.__dict__)
-    from sglang.srt.runtime_context import get_context, get_parallel
-    get_context().override_server_args(enable_streaming_session=True).install()
-    with get_parallel().override(tp_rank=0):
-        from test_session_overlap_patch import overlap_scenario
-        print("RESULT " + json.dumps(overlap_scenario({first_turn_running})))
-    """
-)
-
-
 @pytest.mark.parametrize("first_turn_running", [False, True], ids=["later-turn", "first-turn"])
 def test_pristine_sglang_reproduces_the_bug(first_turn_running):
-    code = _PRISTINE_RUN.format(modules=PATCHED_MODULES, first_turn_running=first_turn_running)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[0][len("RESULT ") :])
+    result = run_on_pristine_sglang("test_session_overlap_patch", "overlap_scenario",
+                                    first_turn_running=first_turn_running)
     assert result["second_rejected"]
     assert not result["third_rejected"], "unpatched 0.5.17 should accept the third append (the bug)"
