@@ -27,7 +27,9 @@ def require_patches() -> str:
 
 def _installers():
     """Our pieces, in install order. Each returns a short description of what it registered."""
-    return [require_patches]
+    from sglang_microturn import aligned_attention_backend, moe_dispatch
+
+    return [require_patches, aligned_attention_backend.install, moe_dispatch.install]
 
 
 def register() -> None:

@@ -1,0 +1,303 @@
+"""MoE decode as gather + GEMV: two Triton kernels for unquantized bf16 MoE at small token counts.
+
+Glossary: M tokens, K experts per token (top-k), P = M*K (token, expert) pairs, E experts, D hidden size,
+I expert width (intermediate size per expert), N output rows of a projection.
+
+Weights use SGLang's layout (`fused_experts` in sglang/srt/layers/moe/moe_runner/triton_utils/fused_moe.py):
+  w13 [E, 2I, D]  rows [0, I) are the gate projection, rows [I, 2I) the up projection (not interleaved)
+  w2  [E, D, I]   down projection
+Math (SGLang's, for activation "silu", gated, router weight applied after the down projection):
+  h[p]   = silu(x[m] @ w13[e, :I].T) * (x[m] @ w13[e, I:].T)            p = (m, k), e = topk_ids[m, k]
+  out[m] = scale * sum_k topk_weights[m, k] * (h[(m, k)] @ w2[e].T)       scale = routed_scaling_factor or 1
+
+Kernels (no padding, sorting or block-alignment pass; no atomics; no host sync):
+  1. `_gate_up_silu_kernel`, grid (P, cdiv(I, BLOCK_I)): one program computes BLOCK_I gate rows and the
+     same BLOCK_I up rows of one pair, applies SiLU-and-multiply and stores h[p, rows] in bf16.
+     Each needed w13 row is read once per token.
+  2. `_down_combine_kernel`, grid (M, cdiv(D, BLOCK_N)): one program computes BLOCK_N output rows of one
+     token: for k = 0..K-1 in order, the down-projection dot of h[(m, k)] with w2[e_k, rows], times
+     topk_weights[m, k], summed in fp32; only the final [M, D] bf16 output is written.
+  The pair / token index is grid axis 0, the fastest-launched one: programs that run at the same time work
+  on the same rows of every expert, so tokens sharing an expert read its rows from L2 rather than HBM.
+
+Precision contract
+  * Accumulation in fp32. Rounding points, matching SGLang's intermediate tensors: the gate and up dot
+    products are rounded to bf16 (SGLang's `intermediate_cache1`), silu(gate) * up is computed in fp32 and
+    rounded to bf16 (SGLang's `intermediate_cache2`). Unlike SGLang, the K weighted down-projection results
+    are not rounded to bf16 one by one: they are summed in fp32 in k order and the sum (times the routed
+    scaling factor) is rounded once. `moe_reference(..., kernel_rounding=True)` applies the same rounding
+    points in fp32 math; the tests hold the kernel to it within bf16 tolerance (see tests/kernels/).
+  * Batch invariance, bitwise: a token's output depends only on its own hidden state, top-k ids and
+    weights and the expert weights, never on M or on the other tokens. Every reduction has a fixed order:
+    the block sizes come from the weight shape alone (`moe_gemv_config`), never from M, and the combine
+    over top-k runs in k order inside one program.
+  * Alignment: the same kernels serve any M, so a token's MoE output is bitwise identical whether it was
+    computed in a 1-token decode step or inside a 4096-token prefill. `moe_gemv_aligned` is that large-M
+    entry point (prefill under alignment mode); its cost against SGLang's grouped GEMM is measured in
+    benchmarks/moe_decode.py (docs/moe.md).
+  * Bitwise identity holds for one config, one GPU architecture and one Triton version; a different config
+    (block sizes, num_warps) may change low bits.
+
+CUDA graphs: shapes alone decide the grid and the one intermediate allocation ([P, I] bf16), so a call can
+be captured and replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "MoeGemvConfig",
+    "MoeGemvInputError",
+    "moe_gemv",
+    "moe_gemv_aligned",
+    "moe_gemv_config",
+]
+
+
+class MoeGemvInputError(ValueError):
+    """An input of `moe_gemv` has a shape, dtype or device the kernels do not support."""
+
+
+@dataclass(frozen=True)
+class MoeGemvConfig:
+    """Block sizes of the two kernels. Chosen from the weight shape only: changing it may change low bits.
+
+    BLOCK_I: gate (and up) rows per program of the gate-up kernel; BLOCK_D: its reduction chunk over D.
+    BLOCK_N: output rows per program of the down kernel; BLOCK_K: its reduction chunk over I.
+    All four are powers of two; tails are masked.
+    """
+
+    BLOCK_I: int
+    BLOCK_D: int
+    BLOCK_N: int
+    BLOCK_K: int
+    gate_up_warps: int = 4
+    down_warps: int = 4
+    num_stages: int = 1
+
+
+# Keyed by (D, I). Starting points for H100 (bytes in flight per program ~8-16 KB, >= 4 programs per SM at
+# M=1); benchmarks/moe_decode.py --sweep times alternatives. Changing an entry changes low bits of outputs.
+_CONFIGS: dict[tuple[int, int], MoeGemvConfig] = {
+    (2048, 768): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=4, BLOCK_K=256),  # E=128 top-8 (Qwen3-30B-A3B)
+    (4096, 14336): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=8, BLOCK_K=512),  # E=8 top-2 (Mixtral 8x7B)
+    (4096, 2048): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=4, BLOCK_K=512),  # E=256 top-6
+}
+
+
+def moe_gemv_config(hidden_size: int, intermediate_size: int) -> MoeGemvConfig:
+    """Config for weights of hidden size D and expert width I: the table entry, else a heuristic."""
+    cfg = _CONFIGS.get((hidden_size, intermediate_size))
+    if cfg is not None:
+        return cfg
+    return MoeGemvConfig(
+        BLOCK_I=8,
+        BLOCK_D=min(512, triton.next_power_of_2(hidden_size)),
+        BLOCK_N=4,
+        BLOCK_K=min(256, triton.next_power_of_2(intermediate_size)),
+    )
+
+
+@triton.jit
+def _to_bf16(x):
+    # fp32 -> bf16, round to nearest even, done on the bits: the same on GPUs as `x.to(tl.bfloat16)` for
+    # finite values, and also under TRITON_INTERPRET=1, whose fp32 -> bf16 cast truncates (Triton 3.6).
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _gate_up_silu_kernel(
+    x_ptr,  # [M, D] bf16, row stride stride_xm
+    w13_ptr,  # [E, 2I, D] bf16, contiguous
+    ids_ptr,  # [M, K] int32/int64, row stride stride_idm
+    h_ptr,  # [P, I] bf16 out, contiguous
+    stride_xm,
+    stride_idm,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pair = tl.program_id(0)  # p = m * K + k
+    iblk = tl.program_id(1)
+    m = pair // K
+    k = pair % K
+    e = tl.load(ids_ptr + m * stride_idm + k).to(tl.int64)
+    valid = e >= 0  # SGLang marks experts filtered out (expert parallelism) with -1
+    e = tl.maximum(e, 0)
+
+    rows = iblk * BLOCK_I + tl.arange(0, BLOCK_I)  # [BI] gate rows; up rows are rows + I
+    row_mask = (rows < I) & valid
+    cols = tl.arange(0, BLOCK_D)  # [BD]
+    w_gate = w13_ptr + e * (2 * I * D) + rows[:, None].to(tl.int64) * D  # [BI, 1]
+    w_up = w_gate + I * D
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+
+    acc_g = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+    for c in tl.static_range(0, D, BLOCK_D):  # fixed chunk order; unrolled so loads can be issued early
+        d = c + cols
+        d_mask = d < D
+        xv = tl.load(x_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]  # [1, BD]
+        m2 = row_mask[:, None] & d_mask[None, :]
+        wg = tl.load(w_gate + d[None, :], mask=m2, other=0.0)  # [BI, BD]
+        wu = tl.load(w_up + d[None, :], mask=m2, other=0.0)
+        acc_g += wg.to(tl.float32) * xv
+        acc_u += wu.to(tl.float32) * xv
+    # Rounded to bf16 like SGLang's gate-up GEMM output, then SiLU-and-multiply in fp32.
+    g = _to_bf16(tl.sum(acc_g, axis=1)).to(tl.float32)  # [BI]
+    u = _to_bf16(tl.sum(acc_u, axis=1)).to(tl.float32)
+    h = g / (1.0 + tl.exp(-g)) * u
+    tl.store(h_ptr + pair.to(tl.int64) * I + rows, _to_bf16(h), mask=rows < I)
+
+
+@triton.jit
+def _down_combine_kernel(
+    h_ptr,  # [P, I] bf16, contiguous
+    w2_ptr,  # [E, D, I] bf16, contiguous
+    ids_ptr,  # [M, K] int32/int64
+    tw_ptr,  # [M, K] float
+    out_ptr,  # [M, D] bf16, row stride stride_om
+    stride_idm,
+    stride_twm,
+    stride_om,
+    scale,  # routed scaling factor, fp32
+    D: tl.constexpr,
+    I: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    m = tl.program_id(0)
+    nblk = tl.program_id(1)
+    rows = nblk * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output rows
+    row_mask = rows < D
+    cols = tl.arange(0, BLOCK_K)  # [BK]
+
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in tl.static_range(K):  # the combine over top-k, in k order
+        e = tl.load(ids_ptr + m * stride_idm + k).to(tl.int64)
+        tw = tl.load(tw_ptr + m * stride_twm + k).to(tl.float32)
+        valid = e >= 0
+        e = tl.maximum(e, 0)
+        w_rows = w2_ptr + e * (D * I) + rows[:, None].to(tl.int64) * I  # [BN, 1]
+        h_row = h_ptr + (m * K + k).to(tl.int64) * I
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for c in tl.static_range(0, I, BLOCK_K):
+            i = c + cols
+            i_mask = (i < I) & valid
+            hv = tl.load(h_row + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]  # [1, BK]
+            w = tl.load(w_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :], other=0.0)
+            acc += w.to(tl.float32) * hv
+        y = tl.sum(acc, axis=1)  # [BN] this pair's down projection, fp32
+        out += tl.where(valid, tw, 0.0) * y
+    out = out * scale
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, _to_bf16(out), mask=row_mask)
+
+
+def _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
+    if hidden_states.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise MoeGemvInputError(
+            f"expected hidden_states [M, D], w13 [E, 2I, D], w2 [E, D, I]; got {tuple(hidden_states.shape)}, "
+            f"{tuple(w13.shape)}, {tuple(w2.shape)}"
+        )
+    M, D = hidden_states.shape
+    E, two_i, d13 = w13.shape
+    if d13 != D or two_i % 2 or tuple(w2.shape) != (E, D, two_i // 2):
+        raise MoeGemvInputError(
+            f"weight shapes do not match: hidden_states {tuple(hidden_states.shape)}, w13 {tuple(w13.shape)} "
+            f"(want [E, 2I, {D}]), w2 {tuple(w2.shape)} (want [{E}, {D}, {two_i // 2}])"
+        )
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != M or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise MoeGemvInputError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be [{M}, K]"
+        )
+    for name, t in (("hidden_states", hidden_states), ("w13", w13), ("w2", w2)):
+        if t.dtype != torch.bfloat16:
+            raise MoeGemvInputError(f"{name} is {t.dtype}; the kernels take bfloat16 only (unquantized MoE)")
+    if not (w13.is_contiguous() and w2.is_contiguous()):
+        raise MoeGemvInputError("w13 and w2 must be contiguous (SGLang's expert weights are)")
+    if hidden_states.stride(1) != 1 or topk_ids.stride(1) != 1 or topk_weights.stride(1) != 1:
+        raise MoeGemvInputError("hidden_states, topk_ids and topk_weights need a unit stride along the last dim")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise MoeGemvInputError(f"topk_ids is {topk_ids.dtype}; pass int32 or int64")
+    devices = {t.device for t in (hidden_states, w13, w2, topk_weights, topk_ids)}
+    if len(devices) != 1:
+        raise MoeGemvInputError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def moe_gemv(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    routed_scaling_factor: float | None = None,
+    out: torch.Tensor | None = None,
+    config: MoeGemvConfig | None = None,
+) -> torch.Tensor:
+    """MoE forward for M tokens as gather + GEMV: returns out [M, D] bf16.
+
+    hidden_states [M, D] bf16; w13 [E, 2I, D] bf16 ([gate; up] rows); w2 [E, D, I] bf16;
+    topk_weights [M, K] fp32 (bf16 accepted); topk_ids [M, K] int32/int64, -1 = expert filtered out.
+    `out` may alias hidden_states (SGLang's in-place mode): the gate-up kernel has consumed it before the
+    down kernel writes. See the module docstring for the precision contract (bitwise batch invariance).
+    """
+    _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids)
+    M, D = hidden_states.shape
+    K = topk_ids.shape[1]
+    I = w2.shape[2]
+    cfg = config or moe_gemv_config(D, I)
+    if out is None:
+        out = torch.empty_like(hidden_states)
+    elif tuple(out.shape) != (M, D) or out.dtype != torch.bfloat16 or out.stride(1) != 1:
+        raise MoeGemvInputError(f"out must be [{M}, {D}] bf16 with unit last stride, got {tuple(out.shape)} {out.dtype}")
+    if M == 0:
+        return out
+    h = torch.empty((M * K, I), device=hidden_states.device, dtype=torch.bfloat16)  # [P, I]
+    _gate_up_silu_kernel[(M * K, triton.cdiv(I, cfg.BLOCK_I))](
+        hidden_states, w13, topk_ids, h,
+        hidden_states.stride(0), topk_ids.stride(0),
+        D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
+    _down_combine_kernel[(M, triton.cdiv(D, cfg.BLOCK_N))](
+        h, w2, topk_ids, topk_weights, out,
+        topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
+        D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.down_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def moe_gemv_aligned(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    routed_scaling_factor: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The large-M (prefill) path of alignment mode: per token bitwise equal to `moe_gemv` at any M.
+
+    It runs the decode kernels with the decode config: the per-token arithmetic is then the same compiled
+    code, whatever M is. The cost is the GEMV's: every (token, expert) pair streams its expert's rows, from
+    L2 rather than HBM because the launch order keeps all programs on the same rows of every expert (see the
+    module docstring), but with CUDA-core FMAs and no tensor-core reuse across tokens. benchmarks/
+    moe_decode.py measures it against SGLang's grouped GEMM.
+    """
+    return moe_gemv(
+        hidden_states, w13, w2, topk_weights, topk_ids, routed_scaling_factor=routed_scaling_factor, out=out
+    )
