@@ -250,7 +250,7 @@ def main(argv=None):
     sgl = _sglang()
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     configs = {f"aligned_S{s}": AlignedAttentionConfig(split_size=int(s)) for s in args.splits.split(",")}
-    configs["aligned_S256_m16"] = AlignedAttentionConfig(split_size=256, block_m=16)
+    configs["aligned_S256_m64"] = AlignedAttentionConfig(split_size=256, block_m=64)
     configs["aligned_S256_w8"] = AlignedAttentionConfig(split_size=256, num_warps=8)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)

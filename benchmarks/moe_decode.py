@@ -122,8 +122,9 @@ def measure_bandwidth() -> dict:
         tbps = n * 2 / us / 1e6
         results[f"triton_read_B{block}_S{steps}_W{warps}_TBps"] = round(tbps, 3)
         best = max(best, tbps)
-    out = torch.empty((), device="cuda", dtype=torch.float32)
-    us = time_graph(lambda i: torch.sum(x, dtype=torch.float32, out=out), calls=4, replays=5)
+    out = torch.empty(1, device="cuda", dtype=torch.float32)
+    row = x.view(1, -1)
+    us = time_graph(lambda i: torch.sum(row, dim=1, dtype=torch.float32, out=out), calls=4, replays=5)
     results["torch_sum_read_TBps"] = round(n * 2 / us / 1e6, 3)
     best = max(best, results["torch_sum_read_TBps"])
     half = x[: n // 2]

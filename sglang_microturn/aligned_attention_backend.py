@@ -42,10 +42,11 @@ _REPLACE_TRITON_ENV = "MICROTURN_ALIGNED_ATTENTION"
 
 
 def config_from_env() -> AlignedAttentionConfig:
+    default = AlignedAttentionConfig()
     return AlignedAttentionConfig(
-        split_size=int(os.environ.get("MICROTURN_ATTN_SPLIT", "256")),
-        block_n=int(os.environ.get("MICROTURN_ATTN_BLOCK_N", "64")),
-        block_m=int(os.environ.get("MICROTURN_ATTN_BLOCK_M", "64")),
+        split_size=int(os.environ.get("MICROTURN_ATTN_SPLIT", default.split_size)),
+        block_n=int(os.environ.get("MICROTURN_ATTN_BLOCK_N", default.block_n)),
+        block_m=int(os.environ.get("MICROTURN_ATTN_BLOCK_M", default.block_m)),
     )
 
 

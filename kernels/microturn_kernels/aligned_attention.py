@@ -78,13 +78,15 @@ class AlignedAttentionConfig:
     split_size: S, keys per left-aligned split. Smaller S: more CTAs for decode at small batch and for
       micro-turn extends over long histories; larger S: fewer fp32 partials (prefill traffic ~ T * p / S).
     block_n: keys per inner tile (S % block_n == 0).
-    block_m: rows per tile = token slots * padded group size; 64 lets a 16-token micro-turn of a G=4 model
-      read each key tile once; decode pays for the padding rows with tensor-core work it has to spare.
+    block_m: rows per tile = token slots * padded group size. 16 (the smallest tl.dot tile): measured on an
+      H100 (benchmarks/results/attention_h100.json), 64 made decode at batch >= 8 ~1.55x slower than SGLang's
+      Triton decode (padding rows cost real work there), 16 keeps it within ~5-10% while a 16-token extend
+      over 32k of history is still ~8x faster than SGLang's extend.
     """
 
     split_size: int = 256
     block_n: int = 64
-    block_m: int = 64
+    block_m: int = 16
     num_warps: int = 4
     num_stages: int = 2
 

@@ -207,7 +207,7 @@ def test_config_validation():
 
 # ----------------------------------------------------------------------------------------------------- GPU
 
-GPU_CFG = AlignedAttentionConfig()  # the server default: S 256, block_n 64, block_m 64
+GPU_CFG = AlignedAttentionConfig()  # the server default: S 256, block_n 64, block_m 16
 
 
 @pytest.mark.gpu
