@@ -11,7 +11,13 @@ Per call, the hook computes the MoE with `moe_gemv` when every condition holds, 
 CUDA tensors; bf16 activations and weights; unquantized (no fp8/int8/int4 flags, scales, zero points or
 block shape, no pre-quantized activation); no biases; activation "silu", gated, standard [gate; up] math
 (no gemm1 alpha/limit, no swiglu limit); router weight applied after the down projection; combine on;
-and M <= MICROTURN_MOE_GEMV_MAX_TOKENS, or any M when MICROTURN_MOE_ALIGNED=1.
+M <= MICROTURN_MOE_GEMV_MAX_TOKENS and M * top_k <= num_experts / 2; or any M when MICROTURN_MOE_ALIGNED=1.
+
+Why the second bound: per-pair GEMV wins while most routed pairs hit distinct experts. Once M * top_k
+exceeds half the experts, pairs share experts and SGLang's grouped GEMM reuses each weight tile across them.
+Measured on an H100 (benchmarks/results/moe_decode_h100.json), ours is faster exactly where M * K <= E / 2:
+E=128 K=8 up to M=8 (1.02-1.21x), E=8 K=2 up to M=2 (1.04-1.27x), E=256 K=6 up to M=16 (1.01-1.06x), and
+slower beyond (0.94x at E=128 M=16, 0.94-0.41x at E=8 M>=4, 0.97x at E=256 M=32).
 
 Environment, read once by `install()`:
   MICROTURN_MOE_GEMV_MAX_TOKENS  largest M routed to the GEMV kernels (default 16; 0 disables the route)
@@ -31,7 +37,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 TARGET = "sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe.fused_experts"
-DEFAULT_MAX_TOKENS = 16  # to be revisited with benchmarks/moe_decode.py results (docs/moe.md)
+DEFAULT_MAX_TOKENS = 16  # a cap on top of the expert-coverage bound below
+MAX_PAIRS_PER_EXPERT = 0.5  # route while M * top_k <= MAX_PAIRS_PER_EXPERT * num_experts (module docstring)
 ENV_MAX_TOKENS = "MICROTURN_MOE_GEMV_MAX_TOKENS"
 ENV_ALIGNED = "MICROTURN_MOE_ALIGNED"
 
@@ -105,6 +112,8 @@ def gemv_route_refusal(call: dict[str, Any], max_tokens: int, aligned: bool, req
         return "swiglu alpha/limit"
     if len(topk_output) != 3:
         return "top-k output not in the standard format"
+    if not aligned and x.shape[0] * topk_output[1].shape[-1] > MAX_PAIRS_PER_EXPERT * w1.shape[0]:
+        return "routed pairs exceed half the experts"
     if w1.dim() != 3 or w2.dim() != 3 or w1.shape[1] != 2 * w2.shape[2] or w1.shape[2] != x.shape[1]:
         return "weight shapes not [E, 2I, D] / [E, D, I]"
     return None

@@ -25,7 +25,7 @@ def sglang_moe():
 def small_call(sglang_moe, M=2, **config_overrides):
     _, MoeRunnerConfig, StandardTopKOutput = sglang_moe
     g = torch.Generator().manual_seed(M)
-    E, K, D, I = 4, 2, 64, 32
+    E, K, D, I = 8, 2, 64, 32
     x = torch.randn(M, D, generator=g).bfloat16()
     w1 = (torch.randn(E, 2 * I, D, generator=g) / 8).bfloat16()
     w2 = (torch.randn(E, D, I, generator=g) / 6).bfloat16()
@@ -57,6 +57,7 @@ def test_signature_of_the_target_is_what_the_hook_reads(sglang_moe):
     [
         {},  # CPU tensors (require_cuda=True)
         {"require_cuda": False, "M": 17},  # above the threshold
+        {"require_cuda": False, "M": 3},  # 3 tokens x top-2 = 6 pairs > 8 experts / 2: grouped GEMM wins
         {"require_cuda": False, "use_fp8_w8a8": True},
         {"require_cuda": False, "b1": "bias"},
         {"require_cuda": False, "cfg": {"activation": "gelu"}},
@@ -79,7 +80,7 @@ def test_fallback_calls_sglang(sglang_moe, change):
 
 
 def test_routed_call_runs_moe_gemv(sglang_moe):
-    call = small_call(sglang_moe, M=3, routed_scaling_factor=1.5)
+    call = small_call(sglang_moe, M=2, routed_scaling_factor=1.5)
     original = FakeOriginal()
     out = make_fused_experts_hook(16, aligned=False, require_cuda=False)(original, **call)
     assert original.calls == 0
