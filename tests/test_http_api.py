@@ -1,0 +1,279 @@
+"""The /microturn HTTP API through FastAPI's test client, over a stand-in for SGLang's tokenizer manager.
+
+`FakeTokenizerManager` keeps, per session, the length SGLang's scheduler would hold and answers appends the
+way SGLang's streaming sessions do (prompt_tokens = the whole session length). The scheduler side itself is
+covered by the patch tests on SGLang's real classes and by the GPU soak.
+"""
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from sglang_microturn.http_api import Backend, MicroTurnAPI, build_router
+
+VOCAB = 1000
+BOS = 0
+
+
+class FakeTokenizerManager:
+    def __init__(self):
+        self.model_config = SimpleNamespace(vocab_size=VOCAB)
+        self.tokenizer = SimpleNamespace(bos_token_id=BOS)
+        self.lengths: dict[str, int] = {}  # the scheduler's committed length per session
+        self.timeouts: dict[str, float] = {}
+        self.hold = None  # a threading.Event: appends wait for it (or an abort) before finishing
+        self.aborted: set[str] = set()
+        self.running = threading.Event()
+
+    async def open_session(self, obj):
+        self.lengths[obj.session_id] = 0
+        self.timeouts[obj.session_id] = obj.timeout
+        return obj.session_id
+
+    async def close_session(self, obj):
+        self.lengths.pop(obj.session_id, None)
+
+    def abort_request(self, rid):
+        self.aborted.add(rid)
+
+    async def generate_request(self, obj, request):
+        sid = obj.session_params["id"]
+        n_out = obj.sampling_params["max_new_tokens"]
+        if sid not in self.lengths:
+            yield self._final(obj, 0, [], {"type": "abort", "message": f"session id {sid} does not exist"})
+            return
+        self.running.set()
+        if self.hold is not None:
+            while not self.hold.is_set() and obj.rid not in self.aborted:
+                await asyncio.sleep(0.005)
+        if obj.rid in self.aborted:  # patch 0003: the session rolls back to its committed length
+            yield self._final(obj, self.lengths[sid] + len(obj.input_ids), [], {"type": "abort", "message": "Abort"})
+            return
+        out = [(7 * (self.lengths[sid] + i)) % VOCAB for i in range(n_out)]
+        for k in range(1, n_out):
+            yield {"output_ids": out[:k], "meta_info": {"finish_reason": None}}
+        prompt = self.lengths[sid] + len(obj.input_ids)
+        self.lengths[sid] = prompt + n_out
+        yield self._final(obj, prompt, out, {"type": "length", "length": n_out})
+
+    @staticmethod
+    def _final(obj, prompt, out, reason):
+        meta = {"prompt_tokens": prompt, "completion_tokens": len(out), "cached_tokens": 0, "finish_reason": reason}
+        if obj.return_logprob:
+            meta["output_token_logprobs"] = [(-1.0, t, None) for t in out]
+        return {"output_ids": out, "meta_info": meta}
+
+
+@pytest.fixture
+def tm():
+    return FakeTokenizerManager()
+
+
+@pytest.fixture
+def api(tm, monkeypatch):
+    monkeypatch.setenv("MICROTURN_SESSION_KV_TOKENS", "4096")
+    monkeypatch.setenv("MICROTURN_MAX_CHUNK_TOKENS", "64")
+    return MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))
+
+
+def app_for(api):
+    app = FastAPI()
+    app.include_router(build_router(api))
+    return app
+
+
+@pytest.fixture
+def client(api):
+    return TestClient(app_for(api))
+
+
+def open_session(client, **options):
+    r = client.post("/microturn/open", json=options)
+    assert r.status_code == 200, r.text
+    return r.json()["session_id"]
+
+
+def append(client, sid, ids, **extra):
+    return client.post("/microturn/append", json={"session_id": sid, "input_ids": ids, **extra})
+
+
+def state(client, sid):
+    r = client.get(f"/microturn/sessions/{sid}", params={"tokens": True})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_open_gives_unguessable_distinct_ids(client):
+    ids = {open_session(client) for _ in range(3)}
+    assert len(ids) == 3 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_appends_build_the_committed_sequence(client, tm):
+    sid = open_session(client, output_budget=3)
+    r1 = append(client, sid, [5, 6, 7, 8]).json()
+    assert r1["output_ids"] == [0, 7, 14] and r1["committed_length"] == 7 == r1["server_length"]
+    ts = r1["timestamps"]
+    assert ts["received"] <= ts["first_token"] <= ts["done"]
+    r2 = append(client, sid, [9], output_budget=0).json()  # listen only
+    assert r2["output_ids"] == [] and r2["committed_length"] == 8 and r2["timestamps"]["first_token"] is None
+    s = state(client, sid)
+    assert s["tokens"] == [5, 6, 7, 8, 0, 7, 14, 9] and s["length"] == 8 == tm.lengths[sid]
+    assert s["state"] == "open" and s["appends"] == 2 and not s["in_flight"]
+
+
+def test_logprobs_on_request(client):
+    sid = open_session(client, output_budget=2)
+    r = append(client, sid, [5], return_logprob=True).json()
+    assert r["output_logprobs"] == [-1.0, -1.0]
+
+
+BAD_APPENDS = [
+    ({"input_ids": []}, 400, "input_ids is empty"),
+    ({"input_ids": list(range(1, 66))}, 400, "exceeds the 64-token limit"),
+    ({"input_ids": [5, VOCAB]}, 400, f"input id {VOCAB} is outside the vocabulary"),
+    ({"input_ids": [5, -1]}, 400, "input id -1 is outside"),
+    ({"input_ids": [5, "6"]}, 400, "list of integers"),
+    ({"input_ids": [5, True]}, 400, "list of integers"),
+    ({"input_ids": "5 6"}, 400, "must be a list"),
+    ({"input_ids": [BOS, 5]}, 400, "BOS"),
+    ({"input_ids": [5], "output_budget": -1}, 400, "must be >= 0"),
+    ({"input_ids": [5], "output_budget": 1.5}, 400, "must be an integer"),
+    ({}, 400, "missing field 'input_ids'"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD_APPENDS)
+def test_bad_append_is_rejected_and_changes_nothing(client, tm, body, status, message):
+    sid = open_session(client, output_budget=1)
+    append(client, sid, [BOS, 5])  # a first chunk may start with BOS
+    before = state(client, sid)
+    r = client.post("/microturn/append", json={"session_id": sid, **body})
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    assert state(client, sid) == {**before, "last_activity": state(client, sid)["last_activity"]}
+    assert tm.lengths[sid] == before["length"]
+    assert append(client, sid, [9]).json()["committed_length"] == before["length"] + 2  # still usable
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b"", "JSON object")],
+)
+def test_malformed_bodies(client, raw, message):
+    for path in ("/microturn/open", "/microturn/append", "/microturn/close"):
+        r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (path, r.text)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"output_budget": -2}, "must be >= 0"), ({"stop_ids": [VOCAB + 5]}, "stop id"),
+     ({"idle_timeout": 0}, "must be > 0"), ({"idle_timeout": "soon"}, "must be an integer or a number")],
+)
+def test_bad_open_options(client, tm, options, message):
+    r = client.post("/microturn/open", json=options)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert tm.lengths == {}
+
+
+def test_unknown_closed_and_idempotent_close(client, tm):
+    assert append(client, "f" * 32, [5]).status_code == 404
+    assert client.get("/microturn/sessions/nope").status_code == 404
+    assert client.post("/microturn/close", json={"session_id": "nope"}).status_code == 404
+    sid = open_session(client)
+    append(client, sid, [5])
+    first = client.post("/microturn/close", json={"session_id": sid}).json()
+    second = client.post("/microturn/close", json={"session_id": sid}).json()
+    assert first == {"session_id": sid, "state": "closed", "already_closed": False}
+    assert second == {"session_id": sid, "state": "closed", "already_closed": True}
+    assert sid not in tm.lengths
+    r = append(client, sid, [6])
+    assert r.status_code == 410 and "closed" in r.json()["error"]["message"]
+    assert state(client, sid)["length"] == 9  # the committed sequence stays readable
+
+
+def test_concurrent_append_gets_409_and_leaves_running_turn_alone(api, client, tm):
+    sid = open_session(client, output_budget=2)
+    append(client, sid, [5])
+    tm.hold = threading.Event()
+    tm.running.clear()
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("first", append(client, sid, [6, 7])))
+    t.start()
+    assert tm.running.wait(5)
+    r = append(client, sid, [8])
+    assert r.status_code == 409 and "in flight" in r.json()["error"]["message"]
+    assert state(client, sid)["in_flight"] and state(client, sid)["length"] == 3
+    tm.hold.set()
+    t.join(5)
+    assert results["first"].status_code == 200 and results["first"].json()["committed_length"] == 7
+    assert state(client, sid)["length"] == 7 == tm.lengths[sid] and not state(client, sid)["in_flight"]
+
+
+def test_client_disconnect_rolls_back_and_session_continues(api, client, tm):
+    sid = open_session(client, output_budget=2)
+    append(client, sid, [5])
+    tm.hold = threading.Event()  # never set: only the disconnect ends this append
+
+    async def gone():
+        return None
+
+    out = asyncio.run(api.append({"session_id": sid, "input_ids": [6, 7]}, wait_disconnect=gone))
+    assert out["aborted"] and len(tm.aborted) == 1
+    assert state(client, sid)["length"] == 3 == tm.lengths[sid] and not state(client, sid)["in_flight"]
+    tm.hold = None
+    assert append(client, sid, [8]).json()["committed_length"] == 6
+
+
+def test_server_side_loss_of_session_is_410(client, tm):
+    sid = open_session(client)
+    del tm.lengths[sid]  # e.g. SGLang reaped it
+    r = append(client, sid, [5])
+    assert r.status_code == 410 and "no longer exists" in r.json()["error"]["message"]
+    assert state(client, sid)["state"] == "closed"
+
+
+def test_kv_budget_429_for_open_and_append(monkeypatch, tm):
+    monkeypatch.setenv("MICROTURN_SESSION_KV_TOKENS", "200")
+    monkeypatch.setenv("MICROTURN_MAX_CHUNK_TOKENS", "64")
+    api = MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))
+    client = TestClient(app_for(api))
+    a = open_session(client, output_budget=8)
+    r = append(client, a, list(range(1, 61)), output_budget=8)
+    assert r.status_code == 200 and r.json()["committed_length"] == 68
+    b = open_session(client, output_budget=8)
+    append(client, b, list(range(1, 61)), output_budget=8)
+    r = client.post("/microturn/open", json={"output_budget": 8})  # 136 used + 72 headroom > 200
+    assert r.status_code == 429 and "budget" in r.json()["error"]["message"]
+    r = append(client, a, list(range(1, 61)), output_budget=8)
+    assert r.status_code == 429 and state(client, a)["length"] == 68 and tm.lengths[a] == 68
+    client.post("/microturn/close", json={"session_id": b})
+    assert append(client, a, list(range(1, 61)), output_budget=8).status_code == 200  # freed budget is reused
+
+
+def test_idle_session_expires_and_is_closed_in_sglang(api, client, tm):
+    api.registry.sweep_interval_s = 0.0
+    sid = open_session(client, idle_timeout=0.05)
+    assert tm.timeouts[sid] > 0.05  # SGLang's own timeout is a later backstop
+    append(client, sid, [5])
+    time.sleep(0.1)
+    s = state(client, sid)
+    assert s["state"] == "expired" and s["length"] == 9 and sid not in tm.lengths
+    assert append(client, sid, [6]).status_code == 410
+
+
+def test_routes_honour_sglang_api_key(api):
+    from sglang.srt.utils.auth import add_api_key_middleware
+
+    app = app_for(api)
+    add_api_key_middleware(app, api_key="sekrit", admin_api_key=None)
+    client = TestClient(app)
+    assert client.post("/microturn/open", json={}).status_code == 401
+    assert client.post("/microturn/open", json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = client.post("/microturn/open", json={}, headers={"Authorization": "Bearer sekrit"})
+    assert r.status_code == 200
+    assert client.get(f"/microturn/sessions/{r.json()['session_id']}").status_code == 401
