@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from sglang_microturn import patching
+from sglang_microturn.checkpoints import PRESETS
+from sglang_microturn.default_model import DEFAULT_PRESET
 from sglang_microturn.patching import PatchError, PatchState, UnsupportedSGLang
 
 EXIT_USAGE = 2
@@ -34,11 +36,11 @@ def _patch(action: str) -> int:
     return 1 if failed else 0
 
 
-def _make_model(out: str) -> int:
-    from sglang_microturn.default_model import write_checkpoint
+def _make_model(out: str, preset: str) -> int:
+    from sglang_microturn.checkpoints import write_checkpoint
 
-    path = write_checkpoint(out)
-    print(f"wrote the default checkpoint to {path}")
+    path = write_checkpoint(out, preset)
+    print(f"wrote the {preset} MicroTurnForCausalLM checkpoint to {path}")
     return 0
 
 
@@ -54,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         add_help=False,
     )
     s.add_argument("sglang_args", nargs=argparse.REMAINDER)
-    m = sub.add_parser("make-model", help="write the default checkpoint (seeded random weights, local tokenizer)")
+    m = sub.add_parser("make-model", help="write a MicroTurnForCausalLM checkpoint (seeded random weights, local tokenizer)")
     m.add_argument("--out", required=True, help="output folder (must not already hold a checkpoint)")
+    m.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                   help="size: tiny (CPU tests), small (the serve default), bench (GPU MoE benchmarks)")
 
     if argv[:1] == ["serve"]:  # everything after `serve` belongs to SGLang, including --help
         args = argparse.Namespace(command="serve", sglang_args=argv[1:])
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "patch":
             return _patch(args.action)
         if args.command == "make-model":
-            return _make_model(args.out)
+            return _make_model(args.out, args.preset)
         from sglang_microturn.serve import NoCudaError, serve
 
         try:

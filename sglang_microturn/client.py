@@ -49,6 +49,10 @@ class SessionGoneError(MicroTurnHTTPError):
     status = 410
 
 
+class LengthMismatchError(MicroTurnHTTPError):
+    status = 412
+
+
 class OverBudgetError(MicroTurnHTTPError):
     status = 429
 
@@ -58,7 +62,7 @@ class ServerError(MicroTurnHTTPError):
 
 
 _ERRORS = {c.status: c for c in (BadRequestError, UnauthorizedError, SessionNotFoundError, SessionBusyError,
-                                 SessionGoneError, OverBudgetError)}
+                                 SessionGoneError, LengthMismatchError, OverBudgetError)}
 
 
 def error_for(status: int, message: str) -> MicroTurnHTTPError:
@@ -102,17 +106,18 @@ class HTTPConnection:
         return out
 
     async def _read_response(self) -> tuple[int, bytes]:
-        status_line = await self._reader.readuntil(b"\r\n")
+        reader = self._reader  # close() from another task drops self._reader; this read then just fails
+        status_line = await reader.readuntil(b"\r\n")
         status = int(status_line.split()[1])
         length, close = 0, False
-        while (line := await self._reader.readuntil(b"\r\n")) != b"\r\n":
+        while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
             name, _, value = line.decode().partition(":")
             name = name.strip().lower()
             if name == "content-length":
                 length = int(value)
             elif name == "connection" and value.strip().lower() == "close":
                 close = True
-        data = await self._reader.readexactly(length)
+        data = await reader.readexactly(length)
         if close:
             self.close()
         return status, data
@@ -157,11 +162,15 @@ class MicroTurnSession:
         self._lock = asyncio.Lock()
 
     async def append(self, input_ids: list[int], output_budget: int | None = None, *,
-                     return_logprob: bool = False, due: float | None = None) -> dict:
-        """One micro-turn; waits for the previous one (never two in flight). Returns the server's reply."""
+                     return_logprob: bool = False, expected_length: int | None = None,
+                     due: float | None = None) -> dict:
+        """One micro-turn; waits for the previous one (never two in flight). Returns the server's reply.
+        `expected_length`: fail with LengthMismatchError unless the session has exactly this many tokens."""
         body = {"session_id": self.session_id, "input_ids": list(input_ids), "return_logprob": return_logprob}
         if output_budget is not None:
             body["output_budget"] = output_budget
+        if expected_length is not None:
+            body["expected_length"] = expected_length
         async with self._lock:
             sent = time.monotonic()
             reply = await self._conn.request("POST", "/microturn/append", body)
@@ -179,13 +188,15 @@ class MicroTurnSession:
             yield await self.append(chunk, output_budget, due=due)
 
     async def status(self, tokens: bool = False) -> dict:
-        return await self._conn.request("GET", f"/microturn/sessions/{self.session_id}" + ("?tokens=1" if tokens else ""))
+        async with self._lock:  # one request at a time on the session's connection
+            return await self._conn.request("GET", f"/microturn/sessions/{self.session_id}" + ("?tokens=1" if tokens else ""))
 
     async def close(self) -> dict:
-        try:
-            return await self._conn.request("POST", "/microturn/close", {"session_id": self.session_id})
-        finally:
-            self._conn.close()
+        async with self._lock:
+            try:
+                return await self._conn.request("POST", "/microturn/close", {"session_id": self.session_id})
+            finally:
+                self._conn.close()
 
 
 class MicroTurnClient:
@@ -194,8 +205,9 @@ class MicroTurnClient:
         self._control = HTTPConnection(base_url, api_key, timeout_s)
 
     async def open(self, output_budget: int = 8, stop_ids: Iterable[int] = (), idle_timeout: float | None = None,
-                   temperature: float = 0.0, period_s: float = 0.2) -> MicroTurnSession:
-        body = {"output_budget": output_budget, "stop_ids": list(stop_ids), "temperature": temperature}
+                   temperature: float = 0.0, period_s: float = 0.2, ignore_eos: bool = False) -> MicroTurnSession:
+        body = {"output_budget": output_budget, "stop_ids": list(stop_ids), "temperature": temperature,
+                "ignore_eos": ignore_eos}
         if idle_timeout is not None:
             body["idle_timeout"] = idle_timeout
         reply = await self._control.request("POST", "/microturn/open", body)

@@ -1,7 +1,8 @@
 """The /microturn HTTP API, served by SGLang's own FastAPI app in the HTTP server process.
 
-    POST /microturn/open                {output_budget?, stop_ids?, idle_timeout?, temperature?} -> {session_id}
-    POST /microturn/append              {session_id, input_ids, output_budget?, return_logprob?}
+    POST /microturn/open                {output_budget?, stop_ids?, idle_timeout?, temperature?, ignore_eos?}
+                                        -> {session_id}
+    POST /microturn/append              {session_id, input_ids, output_budget?, return_logprob?, expected_length?}
                                         -> {output_ids, committed_length, finish_reason, timestamps, ...}
     POST /microturn/close               {session_id}  (idempotent)
     GET  /microturn/sessions/{id}       -> {state, length, appends, in_flight, last_activity}; ?tokens=1 adds
@@ -10,7 +11,7 @@
 Each append is one SGLang streaming-session turn (`/generate` with `session_params`), so plain SGLang clients
 (`/open_session` + `/generate`) use the same machinery. Errors are JSON `{"error": {"code", "message"}}` with
 400 (bad input), 404 (unknown session), 409 (an append already in flight), 410 (closed or expired session),
-429 (KV budget exhausted). Routes sit behind SGLang's API-key middleware like SGLang's own.
+412 (`expected_length` is not the committed length), 429 (KV budget exhausted). Routes sit behind SGLang's API-key middleware like SGLang's own.
 
 If the client disconnects mid-append, the turn is aborted and the session rolls back to its last committed
 length (patch 0003); the registry commits an append only when SGLang reports it finished.
@@ -129,6 +130,7 @@ def parse_open(body: dict, vocab_size: int) -> SessionOptions:
         stop_ids=tuple(_int_list(body, "stop_ids", required=False)),
         idle_timeout_s=_field(body, "idle_timeout", (int, float)),
         temperature=float(_non_negative(_field(body, "temperature", (int, float), default=0.0), "temperature")),
+        ignore_eos=_field(body, "ignore_eos", bool, default=False),
     )
     if options.idle_timeout_s is not None and options.idle_timeout_s <= 0:
         raise BadRequest(f"field 'idle_timeout' must be > 0 seconds, got {options.idle_timeout_s}")
@@ -197,7 +199,8 @@ class MicroTurnAPI:
         budget = _non_negative(_field(body, "output_budget", int, default=session.options.output_budget),
                                "output_budget")
         return_logprob = _field(body, "return_logprob", bool, default=False)
-        session = self.registry.begin_append(session_id, input_ids, budget)
+        expected = _non_negative(_field(body, "expected_length", int), "expected_length")
+        session = self.registry.begin_append(session_id, input_ids, budget, expected)
         try:
             outcome = await self._run_turn(session, input_ids, budget, return_logprob, wait_disconnect)
         except BaseException:
@@ -250,6 +253,7 @@ class MicroTurnAPI:
                 "stop_token_ids": list(opts.stop_ids),
                 "skip_special_tokens": False,
                 "no_stop_trim": True,  # a stop id the model emitted is part of the sequence: return it
+                "ignore_eos": opts.ignore_eos,
             },
             return_logprob=return_logprob,
             stream=True,

@@ -39,6 +39,12 @@ class SessionBusy(MicroTurnError):
     status = 409
 
 
+class LengthMismatch(MicroTurnError):
+    """The append's `expected_length` precondition failed: the client's view of the session is stale."""
+
+    status = 412
+
+
 class SessionGone(MicroTurnError):
     status = 410
 
@@ -59,6 +65,7 @@ class SessionOptions:
     stop_ids: tuple[int, ...] = ()
     idle_timeout_s: float | None = None
     temperature: float = 0.0
+    ignore_eos: bool = False  # generate the whole output budget even past the model's EOS (benchmarks)
 
 
 @dataclass
@@ -144,14 +151,22 @@ class SessionRegistry:
             raise SessionNotFound(f"unknown session {session_id!r}")
         return session
 
-    def begin_append(self, session_id: str, input_ids: list[int], output_budget: int) -> MicroTurnSession:
-        """Validate and reserve one append; the caller must end it with `commit` or `abandon`."""
+    def begin_append(self, session_id: str, input_ids: list[int], output_budget: int,
+                     expected_length: int | None = None) -> MicroTurnSession:
+        """Validate and reserve one append; the caller must end it with `commit` or `abandon`.
+
+        `expected_length` (optional) is the committed length the client believes the session has. A client
+        that lost a response (e.g. dropped its connection) sends it on the next append: a late-arriving copy
+        of the lost append then fails this check instead of silently adding a turn the client never saw."""
         session = self.get(session_id)
         if session.state is not SessionState.OPEN:
             raise SessionGone(f"session {session_id} is {session.state.value}")
         if session.in_flight:
             raise SessionBusy(f"session {session_id} already has an append in flight; send the next micro-turn "
                               "after the previous one's response")
+        if expected_length is not None and expected_length != len(session.tokens):
+            raise LengthMismatch(f"session {session_id} has {len(session.tokens)} committed tokens, not the "
+                                 f"expected {expected_length}; re-read it with GET /microturn/sessions/{session_id}")
         self._validate_chunk(session, input_ids, output_budget)
         reserve = self._turn_reserve(session.options, len(input_ids), output_budget)
         self._admit(reserve, f"appending {len(input_ids)} input + {output_budget} output tokens")

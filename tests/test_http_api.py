@@ -277,3 +277,12 @@ def test_routes_honour_sglang_api_key(api):
     r = client.post("/microturn/open", json={}, headers={"Authorization": "Bearer sekrit"})
     assert r.status_code == 200
     assert client.get(f"/microturn/sessions/{r.json()['session_id']}").status_code == 401
+
+
+def test_expected_length_precondition(client, tm):
+    sid = open_session(client, output_budget=1)
+    assert append(client, sid, [5], expected_length=0).json()["committed_length"] == 2
+    r = append(client, sid, [6], expected_length=0)  # e.g. a late copy of an append whose response was lost
+    assert r.status_code == 412 and "has 2 committed tokens, not the expected 0" in r.json()["error"]["message"]
+    assert state(client, sid)["length"] == 2 == tm.lengths[sid]
+    assert append(client, sid, [6], expected_length=2).json()["committed_length"] == 4
