@@ -3,6 +3,7 @@
 Every micro-turn appends 16 random input ids and generates 8 tokens; sessions run closed-loop (next turn as
 soon as the previous returns), as in ../shared/notes/baselines.md. Side by side in one run, same card, same
 default model, same SGLang flags:
+  model      the `small` micro-turn preset without its shared expert (so upstream can serve it as Qwen3-MoE)
   ours       `sglang-microturn serve` (plugin: aligned split-KV attention, MoE GEMV dispatch, /microturn API);
              turns go through POST /microturn/append
   upstream   `python -m sglang.launch_server` without our plugin (SGLANG_PLUGINS excludes it), Triton
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_record import write_result  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
+from sglang_microturn.checkpoints import ensure_checkpoint, preset  # noqa: E402
 from sglang_microturn.client import HTTPConnection, MicroTurnClient  # noqa: E402
 
 CHUNK, OUT_TOKENS = 16, 8
@@ -121,14 +124,18 @@ def main() -> int:
     p.add_argument("--long-turns", type=int, default=3000, help="turns of the 1-session scenario")
     p.add_argument("--turns", type=int, default=300, help="turns per session with 8 and 32 sessions")
     p.add_argument("--stateless-turns", type=int, default=300)
-    p.add_argument("--vocab", type=int, default=4096)
     args = p.parse_args()
     url = f"http://127.0.0.1:{args.port}"
     exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH")
+    # The serve default without its shared expert: then upstream SGLang serves the very same checkpoint as a
+    # Qwen3-MoE (architecture overridden), so both sides run one model.
+    spec = preset("small", shared_expert_width=0)
+    model, args.vocab = str(ensure_checkpoint(spec)), spec.vocab_size
     results: dict = {"chunk_tokens": CHUNK, "output_tokens": OUT_TOKENS, "flags": COMMON_FLAGS, "ours": {},
                      "upstream": {}, "stateless": {}}
 
-    ours_argv = [exe, "serve", "--port", str(args.port), "--attention-backend", "microturn_aligned", *COMMON_FLAGS]
+    ours_argv = [exe, "serve", "--model-path", model, "--port", str(args.port), "--attention-backend",
+                 "microturn_aligned", *COMMON_FLAGS]
     with ServerProcess(ours_argv, args.port, f"{args.log_dir}/server_ours.log") as srv:
         results["ours_startup_s"] = round(srv.startup_s, 1)
         for sessions, turns in scenarios(args):
@@ -136,10 +143,9 @@ def main() -> int:
             results["ours"][f"{sessions}x{turns}"] = r
             print(f"ours      {sessions:2d} x {turns:4d}: {r}", flush=True)
 
-    from sglang_microturn.default_model import ensure_default_checkpoint
-
     env = dict(os.environ, SGLANG_PLUGINS="none-upstream-baseline")  # loads no plugin, ours included
-    up_argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(ensure_default_checkpoint()),
+    up_argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model,
+               "--json-model-override-args", json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}),
                "--port", str(args.port), "--enable-streaming-session", "--attention-backend", "triton",
                "--sampling-backend", "pytorch", *COMMON_FLAGS]
     with ServerProcess(up_argv, args.port, f"{args.log_dir}/server_upstream.log", env=env) as srv:

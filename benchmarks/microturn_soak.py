@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_record import write_result  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
+from sglang_microturn.checkpoints import preset  # noqa: E402
 from sglang_microturn.client import (  # noqa: E402
     HTTPConnection,
     LengthMismatchError,
@@ -241,10 +242,10 @@ def main() -> int:
     p.add_argument("--kv-budget", type=int, default=None,
                    help="MICROTURN_SESSION_KV_TOKENS for the server (default: sessions*turns*24 + 20%%)")
     p.add_argument("--budget-chunk", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--idle-s", type=float, default=5.0, help="idle time at the end (SGLang's idle memory check)")
     p.add_argument("sglang_args", nargs="*")
     args = p.parse_args()
+    args.vocab = preset("small").vocab_size  # the serve default's vocabulary
     budget = args.kv_budget or int(args.sessions * args.turns * (CHUNK + OUT_TOKENS) * 1.2) + 4096
     env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY="1",
                SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1", MICROTURN_SESSION_KV_TOKENS=str(budget))
