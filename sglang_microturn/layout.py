@@ -402,7 +402,9 @@ class MicroTurnLayout:
         return OutputEvents(bytes(text))
 
     # ---- serving --------------------------------------------------------------------------------------
-    def append_ids(self, events: InputEvents, previous_output: Sequence[int] | None, turn: int | None = None) -> list[int]:
+    def append_ids(
+        self, events: InputEvents, previous_output: Sequence[int] | None, turn: int | None = None
+    ) -> list[int]:
         """One streaming-session append: pad fill closing the previous micro-turn's output block (None for
         the first micro-turn), this micro-turn's input block, and <|out|> to start its output."""
         fill: list[int] = []
