@@ -240,13 +240,15 @@ def main() -> int:
     p.add_argument("--p-disconnect", type=float, default=0.02)
     p.add_argument("--p-concurrent", type=float, default=0.01)
     p.add_argument("--kv-budget", type=int, default=None,
-                   help="MICROTURN_SESSION_KV_TOKENS for the server (default: sessions*turns*24 + 20%%)")
+                   help="MICROTURN_SESSION_KV_TOKENS for the server (default: sessions * (turns * 24 + 600))")
     p.add_argument("--budget-chunk", type=int, default=512)
     p.add_argument("--idle-s", type=float, default=5.0, help="idle time at the end (SGLang's idle memory check)")
     p.add_argument("sglang_args", nargs="*")
     args = p.parse_args()
     args.vocab = preset("small").vocab_size  # the serve default's vocabulary
-    budget = args.kv_budget or int(args.sessions * args.turns * (CHUNK + OUT_TOKENS) * 1.2) + 4096
+    # Room for every session's turns plus one micro-turn of headroom each: the main phase never hits the
+    # budget, and the budget phase reaches it long before one session reaches the context length.
+    budget = args.kv_budget or args.sessions * (args.turns * (CHUNK + OUT_TOKENS) + 600)
     env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY="1",
                SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1", MICROTURN_SESSION_KV_TOKENS=str(budget))
     exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH")

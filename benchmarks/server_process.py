@@ -28,7 +28,7 @@ class ServerProcess:
         t0 = time.monotonic()
         # Own process group: stopping it takes SGLang's scheduler and detokenizer processes along.
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=self.env)
+                                     start_new_session=True, env=self.env, preexec_fn=_die_with_parent)
         while time.monotonic() - t0 < self.startup_timeout_s:
             if self.proc.poll() is not None:
                 raise ServerDied(f"server exited with {self.proc.returncode} during startup; log: {self.log_path}")
@@ -72,6 +72,15 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self._stop()
+
+
+def _die_with_parent() -> None:
+    """SIGTERM the server when this process dies, however it dies (e.g. killed by `timeout`): SGLang's
+    launcher then stops its whole tree. Without it a killed benchmark leaves a server holding the GPU."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _group_alive(pgid: int, wait_s: float) -> bool:
