@@ -8,9 +8,7 @@ request), server context length 65536 (sets SGLang deterministic max_kv_splits a
           max 8 splits) and deterministic (split tile 256), ours at several split sizes S.
   extend: 16 new tokens over 8k/32k/64k history, batch 1 and 8: SGLang extend_attention_fwd (two-stage,
           the default), extend_attention_fwd_unified (deterministic mode), ours.
-Times: triton.testing.do_bench median (L2 flushed between runs; eager, so host overhead can show);
-decode also under CUDA graphs (20 calls per graph, median per call, as the server runs decode) for SGLang
-and ours, with split-grid variants, and host (enqueue) time per call. Bandwidth floor: KV bytes the step must
+Times: triton.testing.do_bench median (L2 flushed between runs). Bandwidth floor: KV bytes the step must
 read / copy bandwidth measured in the same run (torch copy of 2 GiB; read+write bytes).
 Checks stored in the JSON: bitwise prefill == decode == chunked extend at a real shape, max error vs an fp32
 reference. Exit code 2 without CUDA. SGLang must be importable (e.g. PYTHONPATH=/tmp/site).
@@ -34,8 +32,6 @@ DEVICE = "cuda"
 DECODE_CTX, DECODE_BS = (1024, 8192, 32768, 65536), (1, 8, 32)
 EXTEND_HIST, EXTEND_BS, EXTEND_NEW = (8192, 32768, 65536), (1, 8), 16
 CHECK_TOKENS, REF_TOKENS = 4100, 2048
-GRAPH_CONFIGS = ("aligned_S256", "aligned_S1024", "aligned_S4096")  # also timed under CUDA graphs
-SPLIT_PROGRAM_SWEEP = (8, 32, 128)  # fixed split-grid sizes P timed under graphs for S=256 (bits unchanged)
 
 
 def _sglang():
@@ -56,49 +52,6 @@ def bench(fn, rep=100):
     import triton
 
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
-
-
-def graph_us(fn, calls=20, replays=5):
-    """Median microseconds per call of `calls` calls captured in one CUDA graph (as the server runs decode).
-
-    No L2 flush between calls (the KV of small cases stays in L2 for every implementation alike)."""
-    import statistics
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return statistics.median(samples)
-
-
-def host_us(fn, calls=50):
-    """Host (Python + launch) microseconds per call: enqueue time of `calls` back-to-back calls, no sync."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return t
 
 
 def copy_bandwidth():
@@ -157,46 +110,21 @@ def run_decode(pool, sgl, configs, bw, sm_count):
                 )
             )
             qo = torch.arange(bs + 1, dtype=torch.int32, device=DEVICE)
-            calls = {}
             for name, cfg in configs.items():
                 sp = cfg.max_splits(CONTEXT_LEN)
                 ws = (
                     torch.empty(bs, H, sp, D, device=DEVICE, dtype=torch.float32),
                     torch.empty(bs, H, sp, device=DEVICE, dtype=torch.float32),
                 )
-
-                def call(cfg=cfg, ws=ws, **kw):
-                    return aligned_decode(
-                        q, pool.k, pool.v, o, kv_indptr, kv_indices, CONTEXT_LEN, config=cfg, workspace=ws,
-                        qo_indptr=qo, **kw,
-                    )  # fmt: skip
-
-                calls[name] = call
-                res[f"{name}_us"] = bench(call)
-            # What the server runs: decode under CUDA graphs (graph-sized split grid: no host max known).
-            sgl_default = lambda: decode_fwd(q, pool.k, pool.v, o, kv_indptr, kv_indices, logits, lse, ns, 8, D**-0.5, 1.0, 1.0)  # noqa: E731
-            sgl_det = lambda: decode_fwd(  # noqa: E731
-                q, pool.k, pool.v, o, kv_indptr, kv_indices, logits_d, lse_d, nsd, msp, D**-0.5, 1.0, 1.0
-            )
-            g = {"sglang_default": graph_us(sgl_default), "sglang_deterministic": graph_us(sgl_det)}
-            for name in GRAPH_CONFIGS:
-                if name in calls:
-                    g[name] = graph_us(calls[name])
-            sp256 = configs["aligned_S256"].max_splits(CONTEXT_LEN)
-            # The split grid before this change (one program per split of the whole context), and fixed P.
-            g["aligned_S256_fullgrid"] = graph_us(lambda: calls["aligned_S256"](num_split_programs=sp256))
-            for p in SPLIT_PROGRAM_SWEEP:
-                g[f"aligned_S256_P{p}"] = graph_us(lambda p=p: calls["aligned_S256"](num_split_programs=p))
-            # Eager with the host-known max length (what the backend passes outside graphs).
-            res["aligned_S256_hint_us"] = bench(lambda: calls["aligned_S256"](grid_kv_len=ctx))
-            res["graph_us"] = g
-            best_p = min((k for k in g if k.startswith("aligned_S256")), key=g.get)
-            res["graph_best_aligned_S256_variant"] = best_p
-            res["host_us"] = {"sglang_default": host_us(sgl_default), "aligned_S256": host_us(calls["aligned_S256"])}
+                res[f"{name}_us"] = bench(
+                    lambda: aligned_decode(
+                        q, pool.k, pool.v, o, kv_indptr, kv_indices, CONTEXT_LEN, config=cfg, workspace=ws, qo_indptr=qo
+                    )
+                )
             kv_bytes = bs * ctx * KH * 2 * D * 2
             res["kv_bytes"] = kv_bytes
             res["floor_us"] = kv_bytes / bw * 1e6
-            for key in [k for k in res if k.endswith("_us") and k != "floor_us" and isinstance(res[k], float)]:
+            for key in [k for k in res if k.endswith("_us") and k != "floor_us"]:
                 res[key.replace("_us", "_bw_frac")] = res["floor_us"] / res[key]
             rows.append(res)
             print(_row(res), flush=True)
@@ -238,28 +166,12 @@ def run_extend(pool, sgl, configs, bw):
                 res[f"{name}_us"] = bench(
                     lambda: aligned_extend(q, pool.k, pool.v, o, qo, full_indptr, full_idx, new, CONTEXT_LEN, config=cfg)
                 )
-            # The backend passes the batch's host-known max kv length (seq_lens_cpu): split grid sized to it.
-            for name in ("aligned_S256", "aligned_S1024"):
-                if name in configs:
-                    res[f"{name}_hint_us"] = bench(
-                        lambda cfg=configs[name]: aligned_extend(
-                            q, pool.k, pool.v, o, qo, full_indptr, full_idx, new, CONTEXT_LEN, config=cfg,
-                            grid_kv_len=kv_len,
-                        )
-                    )  # fmt: skip
-            res["host_us"] = {
-                "sglang_extend": host_us(lambda: extend_fwd(
-                    q, k_new, v_new, o, pool.k, pool.v, qo, pre_indptr, pre_idx, None, True, None, new, 1.0, 1.0)),
-                "aligned_S256_hint": host_us(lambda: aligned_extend(
-                    q, pool.k, pool.v, o, qo, full_indptr, full_idx, new, CONTEXT_LEN, config=configs["aligned_S256"],
-                    grid_kv_len=kv_len)),
-            }  # fmt: skip
             kv_bytes = bs * kv_len * KH * 2 * D * 2
             res["kv_bytes"] = kv_bytes
             res["floor_us"] = kv_bytes / bw * 1e6
-            for key in [k for k in res if k.endswith("_us") and k != "floor_us" and isinstance(res[k], float)]:
+            for key in [k for k in res if k.endswith("_us") and k != "floor_us"]:
                 res[key.replace("_us", "_bw_frac")] = res["floor_us"] / res[key]
-            for name in [k[:-3] for k in res if k.startswith("aligned") and k.endswith("_us")]:
+            for name in configs:
                 res[f"{name}_speedup_vs_sglang_extend"] = res["sglang_extend_us"] / res[f"{name}_us"]
             rows.append(res)
             print(_row(res), flush=True)
@@ -316,7 +228,7 @@ def check_bitwise(pool, cfg, n=None):
 
 
 def _row(res):
-    keys = [k for k in res if k.endswith("_us") and isinstance(res[k], float)]
+    keys = [k for k in res if k.endswith("_us")]
     head = " ".join(f"{k}={res[k]}" for k in ("ctx", "history", "batch") if k in res)
     return head + " | " + " ".join(f"{k[:-3]}={res[k]:.1f}" for k in keys)
 
@@ -352,10 +264,7 @@ def main(argv=None):
         "benchmark": "attention",
         "shape": {"q_heads": H, "kv_heads": KH, "head_dim": D, "dtype": "bfloat16", "page_size": 1,
                   "server_context_len": CONTEXT_LEN, "kv_layout": "contiguous slots per request"},  # fmt: skip
-        "timing": "triton.testing.do_bench median, L2 flushed; microseconds. decode graph_us: median per call"
-        " of 20 calls in one CUDA graph (no L2 flush). host_us: enqueue time per call (Python + launches)."
-        " *_hint_us: split grid sized from the host-known max kv length (grid_kv_len), as the backend does"
-        " outside graphs. aligned_S256_fullgrid / _P<n>: split-grid sizes (bits identical)",
+        "timing": "triton.testing.do_bench median, L2 flushed; microseconds",
         "configs": {k: dataclasses.asdict(v) for k, v in configs.items()},
         "copy_bandwidth_bytes_per_s": bw,
         "checks": checks,
@@ -375,14 +284,7 @@ def main(argv=None):
 
 
 def _summary(decode, extend, configs):
-    print("\ndecode under CUDA graphs (us per call; what the server runs), ratio aligned_S256 / sglang_default")
-    for r in decode:
-        g = r["graph_us"]
-        print(f"  ctx {r['ctx']:>6} bs {r['batch']:>2}: ratio={g['aligned_S256'] / g['sglang_default']:.2f}  "
-              + "  ".join(f"{k}={v:.1f}" for k, v in g.items())
-              + f"  | best S256 variant {r['graph_best_aligned_S256_variant']}"
-              + f"  | host us: {', '.join(f'{k}={v:.1f}' for k, v in r['host_us'].items())}")  # fmt: skip
-    print("\ndecode (do_bench, eager): aligned / sglang_default (<= 1.05 is the target)")
+    print("\ndecode: aligned / sglang_default (<= 1.05 is the target)")
     for r in decode:
         print(f"  ctx {r['ctx']:>6} bs {r['batch']:>2}: " + "  ".join(
             f"{n}={r[f'{n}_us'] / r['sglang_default_us']:.2f}" for n in configs))  # fmt: skip
@@ -390,10 +292,7 @@ def _summary(decode, extend, configs):
     for r in extend:
         print(f"  hist {r['history']:>6} bs {r['batch']}: " + "  ".join(
             f"{n}={r[f'{n}_speedup_vs_sglang_extend']:.2f}x" for n in configs)
-            + f"  unified={r['sglang_extend_us'] / r['sglang_unified_us']:.2f}x"
-            + "  hint: " + "  ".join(f"{n}={r[f'{n}_hint_speedup_vs_sglang_extend']:.2f}x"
-                                    for n in ("aligned_S256", "aligned_S1024") if f"{n}_hint_us" in r)
-            + f"  | host us: {', '.join(f'{k}={v:.1f}' for k, v in r['host_us'].items())}")  # fmt: skip
+            + f"  unified={r['sglang_extend_us'] / r['sglang_unified_us']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

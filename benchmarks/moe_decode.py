@@ -151,7 +151,7 @@ def bench_shape(E, K, D, I, args, bw_read) -> dict:
     from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe_triton_config import get_moe_configs
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
-    from microturn_kernels.moe_gemv import moe_gemv, moe_gemv_aligned, moe_gemv_config
+    from microturn_kernels.moe_gemv import MoeGemvConfig, moe_gemv, moe_gemv_aligned, moe_gemv_config
     from microturn_kernels.moe_reference import moe_reference
 
     torch.manual_seed(0)
@@ -242,91 +242,31 @@ def bench_shape(E, K, D, I, args, bw_read) -> dict:
         print(f"  prefill M={M}: sglang {t_sgl:.0f} us, aligned {t_al:.0f} us", flush=True)
 
     if args.sweep:
-        row["sweep"] = sweep_shape(E, K, D, I, w13, w2, expert_bytes, bw_read)
+        row["sweep"] = []
+        candidates = [
+            MoeGemvConfig(BLOCK_I=bi, BLOCK_D=bd, BLOCK_N=bn, BLOCK_K=bk, gate_up_warps=wg, down_warps=wd)
+            for bi, bd, wg in [(4, 512, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8)]
+            for bn, bk, wd in [(4, 256, 4), (8, 512, 4), (16, 256, 8)]
+        ]
+        for M in (1, 8):
+            x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+            sets = [routing(M, E, K, seed=1000 * M + s) for s in range(ROUTING_SETS)]
+            out = torch.empty_like(x)
+            for c in candidates:
+                t = time_graph(lambda i: moe_gemv(x, w13, w2, sets[i % ROUTING_SETS][0], sets[i % ROUTING_SETS][1],
+                                                  out=out, config=c), replays=3)  # fmt: skip
+                row["sweep"].append({"M": M, **c.__dict__, "us": round(t, 2)})
+            best = min((s for s in row["sweep"] if s["M"] == M), key=lambda s: s["us"])
+            print(f"  sweep M={M}: best {best}", flush=True)
     del w13, w2
     torch.cuda.empty_cache()
     return row
 
 
-# Sweep: the two kernels are independent launches, so each is timed alone over its own candidates (gate-up:
-# BLOCK_I, BLOCK_D, warps; down: BLOCK_N, BLOCK_K, warps) at M = 1, 2, 4, 8 under CUDA graphs; the best of
-# each (least total time over M: one config per shape, never per M, for batch invariance) is then timed
-# end to end against the table config. ~1 min for the three shapes on an H100 (mostly compiles).
-SWEEP_M = (1, 2, 4, 8)
-GATE_UP_CANDIDATES = [(4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (2, 2048, 4)]
-DOWN_CANDIDATES = [(2, 512, 4), (4, 256, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 8)]
-
-
-def sweep_shape(E, K, D, I, w13, w2, expert_bytes, bw_read) -> dict:
-    import dataclasses
-
-    from microturn_kernels.moe_gemv import launch_down, launch_gate_up, moe_gemv, moe_gemv_config
-
-    base = moe_gemv_config(D, I)
-    out = {"gate_up": [], "down": [], "end_to_end": []}
-    inputs = {}
-    for M in SWEEP_M:
-        x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
-        sets = [routing(M, E, K, seed=1000 * M + s) for s in range(ROUTING_SETS)]
-        h = torch.randn(M * K, I, device="cuda", dtype=torch.bfloat16)
-        inputs[M] = (x, sets, h, torch.empty_like(x))
-    for bi, bd, wg in GATE_UP_CANDIDATES:
-        if bd > triton_next_pow2(D):
-            continue
-        cfg = dataclasses.replace(base, BLOCK_I=bi, BLOCK_D=bd, gate_up_warps=wg)
-        for M, (x, sets, h, _) in inputs.items():
-            t = time_graph(lambda i: launch_gate_up(x, w13, sets[i % ROUTING_SETS][1], h, cfg), calls=8, replays=3)
-            out["gate_up"].append({"M": M, "BLOCK_I": bi, "BLOCK_D": bd, "warps": wg, "us": round(t, 2)})
-    for bn, bk, wd in DOWN_CANDIDATES:
-        if bk > triton_next_pow2(I):
-            continue
-        cfg = dataclasses.replace(base, BLOCK_N=bn, BLOCK_K=bk, down_warps=wd)
-        for M, (x, sets, h, o) in inputs.items():
-            t = time_graph(lambda i: launch_down(h, w2, sets[i % ROUTING_SETS][1], sets[i % ROUTING_SETS][0], o, 1.0, cfg),
-                           calls=8, replays=3)  # fmt: skip
-            out["down"].append({"M": M, "BLOCK_N": bn, "BLOCK_K": bk, "warps": wd, "us": round(t, 2)})
-
-    def best(rows, keys):
-        totals = {}
-        for r in rows:
-            totals[tuple(r[k] for k in keys)] = totals.get(tuple(r[k] for k in keys), 0.0) + r["us"]
-        return dict(zip(keys, min(totals, key=totals.get)))
-
-    for kind, keys in (("gate_up", ("BLOCK_I", "BLOCK_D", "warps")), ("down", ("BLOCK_N", "BLOCK_K", "warps"))):
-        for M in SWEEP_M:
-            b = min((r for r in out[kind] if r["M"] == M), key=lambda r: r["us"])
-            print(f"  sweep {kind} E={E} D={D} I={I} M={M}: best {b}", flush=True)
-        out[f"best_{kind}"] = best(out[kind], keys)
-    bg, bd_ = out["best_gate_up"], out["best_down"]
-    picked = dataclasses.replace(base, BLOCK_I=bg["BLOCK_I"], BLOCK_D=bg["BLOCK_D"], gate_up_warps=bg["warps"],
-                                 BLOCK_N=bd_["BLOCK_N"], BLOCK_K=bd_["BLOCK_K"], down_warps=bd_["warps"])  # fmt: skip
-    variants = {"table": base, "table_no_pdl": dataclasses.replace(base, pdl=False), "picked": picked,
-                "picked_no_pdl": dataclasses.replace(picked, pdl=False)}
-    for M, (x, sets, _, o) in inputs.items():
-        e2e = {"M": M}
-        for name, cfg in variants.items():
-            e2e[f"{name}_us"] = round(time_graph(
-                lambda i: moe_gemv(x, w13, w2, sets[i % ROUTING_SETS][0], sets[i % ROUTING_SETS][1], out=o, config=cfg)), 2)  # fmt: skip
-        distinct = statistics.mean(len(torch.unique(i)) for _, i, _ in sets)
-        e2e["picked_pct_of_pure_read"] = round(100 * distinct * expert_bytes / e2e["picked_us"] / 1e6 / bw_read, 1)
-        out["end_to_end"].append(e2e)
-        print(f"  sweep end-to-end E={E} D={D} I={I}: {e2e}", flush=True)
-    out["picked_config"] = dataclasses.asdict(picked)
-    print(f"  sweep pick for _CONFIGS[({D}, {I})] = MoeGemvConfig(BLOCK_I={picked.BLOCK_I}, BLOCK_D={picked.BLOCK_D}, "
-          f"BLOCK_N={picked.BLOCK_N}, BLOCK_K={picked.BLOCK_K}, gate_up_warps={picked.gate_up_warps}, "
-          f"down_warps={picked.down_warps})", flush=True)  # fmt: skip
-    return out
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON path, e.g. benchmarks/results/moe_decode_h100.json")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also sweep each kernel's block config at M=1,2,4,8 and print the best per shape")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative block configs (M=1, 8)")
     parser.add_argument("--shapes", default="all", help="comma-separated shape indices 0,1,2 (default all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -102,19 +102,9 @@ def _make_class():
             self.decode_attention_fwd = torch.compiler.disable(self._aligned_decode_fwd)
             self.extend_attention_fwd_unified = torch.compiler.disable(self._aligned_extend_fwd)
             self.extend_attention_fwd = self._refuse_split_extend
-            # Host-known max kv length of the current eager batch (None under graph capture): sizes the split
-            # grid only (never the results), see aligned_extend's grid_kv_len.
-            self._grid_kv_len: Optional[int] = None
             max_rows = model_runner.req_to_token_pool.size + 1
             # Decode's qo_indptr (one query per request), preallocated so graph capture sees a fixed buffer.
             self._decode_qo_indptr = torch.arange(max_rows + 1, dtype=torch.int32, device=self.device)
-
-        def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False, *args, **kwargs):
-            out = super().init_forward_metadata_out_graph(forward_batch, in_capture, *args, **kwargs)
-            # Under capture the grid is baked into the graph: size it from the context length (the kernels
-            # loop over any splits beyond the grid, so a stale or missing value only costs speed).
-            self._grid_kv_len = None if in_capture else host_max_kv_len(forward_batch)
-            return out
 
         def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor):
             # Informational only: the kernels derive each row's split count from its position.
@@ -132,7 +122,6 @@ def _make_class():
             return aligned_decode(
                 q, k_buffer, v_buffer, o, kv_indptr, kv_indices, self.max_context_len, sm_scale=sm_scale,
                 config=self.aligned_config, workspace=(attn_logits, attn_lse), qo_indptr=self._decode_qo_indptr,
-                grid_kv_len=None if torch.cuda.is_current_stream_capturing() else self._grid_kv_len,
             )  # fmt: skip
 
         def _aligned_extend_fwd(
@@ -153,7 +142,6 @@ def _make_class():
                 q, k_buffer, v_buffer, o, qo_indptr, kv_indptr, kv_indices, int(max_len_extend),
                 self.max_context_len, sm_scale=sm_scale, config=self.aligned_config,
                 workspace_bytes=self.workspace_bytes,
-                grid_kv_len=None if torch.cuda.is_current_stream_capturing() else self._grid_kv_len,
             )  # fmt: skip
 
         def _refuse_split_extend(self, *args, **kwargs):
@@ -161,16 +149,6 @@ def _make_class():
 
     AlignedTritonAttnBackend.__module__ = __name__
     return AlignedTritonAttnBackend
-
-
-def host_max_kv_len(forward_batch) -> Optional[int]:
-    """Max kv length of the batch from SGLang's CPU mirror, or None when there is no reliable one.
-
-    seq_lens_sum is SGLang's "CPU mirror present" signal (seq_lens_cpu can be a stale slice without it)."""
-    seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
-    if getattr(forward_batch, "seq_lens_sum", None) is None or seq_lens_cpu is None or len(seq_lens_cpu) == 0:
-        return None
-    return int(seq_lens_cpu.max())
 
 
 def _refuse_extras(logit_cap, sinks, xai_temperature_len, score_mod, k_scale, v_scale, has_mla=False):

@@ -167,17 +167,15 @@ def _split_partials_kernel(
     first_pos = prefix + lo
     last_pos = prefix + hi - 1
     pos0 = (first_pos // TPT + tile) * TPT  # tile rows hold positions [pos0, pos0 + TPT), pos0 % TPT == 0
-    max_pos = tl.minimum(pos0 + TPT - 1, last_pos)
-    n_splits = max_pos // SPLIT + 1
-    # Early exit before any other load: most programs of a graph-sized split grid have no split to do
-    # (short requests), and they should cost no more than the four index loads above.
-    if (lo < hi) & (pos0 <= last_pos) & (sp < n_splits):
+    if (lo < hi) & (pos0 <= last_pos):
         rows = tl.arange(0, BLOCK_M)
         slot = rows // G_PAD
         hh = rows % G_PAD
         pos = pos0 + slot  # [M] absolute position of each row's query token
         row_ok = (hh < G) & (pos >= first_pos) & (pos <= last_pos)
         head = kvh * G + hh
+        max_pos = tl.minimum(pos0 + TPT - 1, last_pos)
+        n_splits = max_pos // SPLIT + 1
 
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -246,16 +244,6 @@ def _split_partials_kernel(
             )
 
 
-@triton.jit
-def _fold_split(acc, e_sum, e_max, tv, lse):
-    # One step of the split fold (the same arithmetic for every split index). A masked split (lse = -inf,
-    # tv = 0) after a real one is an exact identity: old = 1, w = 0.
-    n_max = tl.maximum(e_max, lse)
-    old = tl.math.exp2(e_max - n_max)
-    w = tl.math.exp2(lse - n_max)
-    return acc * old + w * tv, e_sum * old + w, n_max
-
-
 @triton.jit(do_not_specialize=["chunk_lo", "chunk_len"])
 def _merge_splits_kernel(
     Part_O,  # [P, H, SP, DV]
@@ -275,7 +263,6 @@ def _merge_splits_kernel(
     SPLIT: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
-    UNROLL: tl.constexpr,  # splits loaded per group (one 2-D load); the next group is prefetched
 ):
     pid = tl.program_id(0).to(tl.int64)  # req * chunk_len + (query offset - chunk_lo)
     head = tl.program_id(1)
@@ -286,33 +273,20 @@ def _merge_splits_kernel(
     kv_len = tl.load(kv_indptr + req + 1) - tl.load(kv_indptr + req)
     if q_off < qo_len:
         pos = kv_len - qo_len + q_off
-        n = pos // SPLIT + 1
         offs_dv = tl.arange(0, BLOCK_DV)
         mask_dv = offs_dv < DV
-        offs_s = tl.arange(0, UNROLL)
-        base_o = Part_O + pid * stride_pot + head * stride_poh + offs_dv[None, :]
-        base_l = Part_L + pid * stride_plt + head * stride_plh
-        # Splits are loaded UNROLL at a time (the next group while this one is folded), so a long fold is
-        # not one memory round trip per split; the fold itself stays sequential in split order (split 0
-        # first) and row j of a group is extracted exactly (a sum of one value and zeros).
-        tv_next = tl.load(base_o + offs_s[:, None] * stride_pos, mask=(offs_s[:, None] < n) & mask_dv[None, :],
-                          other=0.0)  # fmt: skip
-        l_next = tl.load(base_l + offs_s, mask=offs_s < n, other=-float("inf"))
-        e_max = -float("inf")  # split 0 always exists and is folded first, so no -inf - -inf occurs
+        e_max = -float("inf")
         e_sum = 0.0
         acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
-        for s0 in range(0, n, UNROLL):  # fixed order: split 0 first
-            tv_blk = tv_next
-            l_blk = l_next
-            s_idx = (s0 + UNROLL) + offs_s  # not loop-carried
-            tv_next = tl.load(base_o + s_idx[:, None] * stride_pos,
-                              mask=(s_idx[:, None] < n) & mask_dv[None, :], other=0.0)  # fmt: skip
-            l_next = tl.load(base_l + s_idx, mask=s_idx < n, other=-float("inf"))
-            for j in tl.static_range(UNROLL):
-                sel = offs_s == j
-                tv = tl.sum(tl.where(sel[:, None], tv_blk, 0.0), axis=0)
-                lse = tl.sum(tl.where(sel, l_blk, 0.0), axis=0)
-                acc, e_sum, e_max = _fold_split(acc, e_sum, e_max, tv, lse)
+        for s in range(0, pos // SPLIT + 1):  # fixed order: split 0 first
+            tv = tl.load(Part_O + pid * stride_pot + head * stride_poh + s * stride_pos + offs_dv, mask=mask_dv)
+            lse = tl.load(Part_L + pid * stride_plt + head * stride_plh + s)
+            n_max = tl.maximum(e_max, lse)
+            old = tl.math.exp2(e_max - n_max)
+            w = tl.math.exp2(lse - n_max)
+            acc = acc * old + w * tv
+            e_sum = e_sum * old + w
+            e_max = n_max
         tl.store(
             O + (q_start + q_off) * stride_ot + head * stride_oh + offs_dv,
             (acc / e_sum).to(O.dtype.element_ty),
@@ -333,65 +307,40 @@ def _check(q, k_buffer, v_buffer, o):
         raise ValueError("aligned attention needs unit stride on the head dim of q, k/v_buffer and o")
 
 
-# Stage-1 grid sizing (never changes bits: every program loops over splits sp, sp + P, ... of its tile, and
-# a split's partial is the same whichever program computes it). A split grid sized from the server context
-# launches cdiv(context, S) programs per (tile, kv head); for short requests nearly all of them have nothing
-# to do. P is capped so the whole grid stays near _GRID_WAVES CTAs per SM, but never below _MIN_SPLIT_PROGS
-# (keeps many CTAs, hence load balance, for long contexts at large batch).
-_GRID_WAVES = 64
-_MIN_SPLIT_PROGS = 32
-_SM_COUNT: dict[int, int] = {}
+def aligned_extend(
+    q: torch.Tensor,  # [T, H, D]
+    k_buffer: torch.Tensor,  # [N, KH, D]
+    v_buffer: torch.Tensor,  # [N, KH, DV]
+    o: torch.Tensor,  # [T, H, DV] written
+    qo_indptr: torch.Tensor,  # [B + 1]
+    kv_indptr: torch.Tensor,  # [B + 1], kv lengths include the new tokens
+    kv_indices: torch.Tensor,  # [L]
+    max_qo_len: int,  # host bound on qo_indptr diffs (SGLang's max_extend_len)
+    max_kv_len: int,  # host bound on kv lengths (context length)
+    sm_scale: float | None = None,
+    config: AlignedAttentionConfig = AlignedAttentionConfig(),
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    workspace_bytes: int = 512 << 20,
+    num_split_programs: int | None = None,
+) -> torch.Tensor:
+    """Causal paged attention for every query token of every request (prefill, extend, mixed, decode).
 
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else 0
-    n = _SM_COUNT.get(idx)
-    if n is None:
-        n = torch.cuda.get_device_properties(idx).multi_processor_count if device.type == "cuda" else 132
-        _SM_COUNT[idx] = n
-    return n
-
-
-def default_split_programs(rows: int, kv_heads: int, splits: int, sm_count: int = 132) -> int:
-    """Programs along the split axis for `rows` token tiles x `kv_heads` and up to `splits` splits a row."""
-    cap = max(_MIN_SPLIT_PROGS, -(-(_GRID_WAVES * sm_count) // max(1, rows * kv_heads)))
-    return max(1, min(splits, cap))
-
-
-_MERGE_UNROLL = 2 if _INTERPRET else 8  # merge: splits per 2-D load group (2 keeps CPU tests fast)
-_META_CACHE: dict = {}
-
-
-def _meta(config: AlignedAttentionConfig, G: int, D: int, DV: int):
-    key = (config, G, D, DV)
-    m = _META_CACHE.get(key)
-    if m is None:
-        tpt = config.token_slots(G)
-        stage1 = dict(
-            G=G, G_PAD=triton.next_power_of_2(G), TPT=tpt, BLOCK_M=config.block_m, SPLIT=config.split_size,
-            BLOCK_N=config.block_n, D=D, BLOCK_D=triton.next_power_of_2(D), DV=DV,
-            BLOCK_DV=triton.next_power_of_2(DV), DOT_F32=_INTERPRET, num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )  # fmt: skip
-        merge = dict(SPLIT=config.split_size, DV=DV, BLOCK_DV=stage1["BLOCK_DV"], UNROLL=_MERGE_UNROLL, num_warps=4)
-        m = _META_CACHE[key] = (tpt, stage1, merge)
-    return m
-
-
-
-def _launch(
-    q, k_buffer, v_buffer, o, qo_indptr, kv_indptr, kv_indices, B, max_qo_len, max_kv_len, sm_scale, config,
-    workspace, workspace_bytes, num_split_programs, grid_kv_len,
-):  # fmt: skip
-    """The two launches of every mode; B = number of requests (qo_indptr / kv_indptr may be longer)."""
+    Never syncs with the host (grid and launch count depend on the host ints only), so it can be captured
+    in a CUDA graph when `workspace` is given. `workspace` = (part_o [P, H, SP, DV] fp32, part_l [P, H, SP]
+    fp32) with P >= B * chunk; without it a workspace of at most ~`workspace_bytes` is allocated and query
+    offsets are processed in chunks that fit (bits do not depend on the chunking).
+    """
+    _check(q, k_buffer, v_buffer, o)
     T, H, D = q.shape
     KH = k_buffer.shape[1]
     DV = v_buffer.shape[2]
+    G = H // KH
+    B = qo_indptr.shape[0] - 1
     if sm_scale is None:
         sm_scale = D**-0.5
     if B == 0 or T == 0 or max_qo_len <= 0:
         return o
-    tpt, meta1, meta2 = _meta(config, H // KH, D, DV)
+    tpt = config.token_slots(G)
     sp_max = config.max_splits(max_kv_len)
     if workspace is not None:
         part_o, part_l = workspace
@@ -411,64 +360,37 @@ def _launch(
         chunk = max(1, min(max_qo_len, workspace_bytes // per_offset))
         part_o = torch.empty((B * chunk, H, sp_max, DV), dtype=torch.float32, device=q.device)
         part_l = torch.empty((B * chunk, H, sp_max), dtype=torch.float32, device=q.device)
+    split_progs = sp_max if num_split_programs is None else max(1, min(num_split_programs, sp_max))
     tiles_per_req = triton.cdiv(chunk + tpt - 1, tpt)
-    if num_split_programs is None:
-        grid_splits = sp_max if grid_kv_len is None else min(sp_max, config.max_splits(grid_kv_len))
-        split_progs = default_split_programs(B * tiles_per_req, KH, grid_splits, _sm_count(q.device))
-    else:
-        split_progs = max(1, min(num_split_programs, sp_max))
-    grid1 = (B * tiles_per_req, KH, split_progs)
-    grid2 = (B * chunk, H)
-    scale_log2 = sm_scale * _LOG2E
-    sq0, sq1 = q.stride(0), q.stride(1)
-    sk0, sk1, sv0, sv1 = k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1)
-    spo0, spo1, spo2, spl0, spl1 = part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1)
-    so0, so1 = o.stride(0), o.stride(1)
+    meta = dict(
+        G=G,
+        G_PAD=triton.next_power_of_2(G),
+        TPT=tpt,
+        BLOCK_M=config.block_m,
+        SPLIT=config.split_size,
+        BLOCK_N=config.block_n,
+        D=D,
+        BLOCK_D=triton.next_power_of_2(D),
+        DV=DV,
+        BLOCK_DV=triton.next_power_of_2(DV),
+        DOT_F32=_INTERPRET,
+    )
     for chunk_lo in range(0, max_qo_len, chunk):
-        _split_partials_kernel[grid1](
+        _split_partials_kernel[(B * tiles_per_req, KH, split_progs)](
             q, k_buffer, v_buffer, part_o, part_l, qo_indptr, kv_indptr, kv_indices,
-            scale_log2, chunk_lo, chunk, tiles_per_req, split_progs,
-            sq0, sq1, sk0, sk1, sv0, sv1, spo0, spo1, spo2, spl0, spl1, **meta1,
+            sm_scale * _LOG2E, chunk_lo, chunk, tiles_per_req, split_progs,
+            q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+            v_buffer.stride(0), v_buffer.stride(1),
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
+            num_warps=config.num_warps, num_stages=config.num_stages, **meta,
         )  # fmt: skip
-        _merge_splits_kernel[grid2](
+        _merge_splits_kernel[(B * chunk, H)](
             part_o, part_l, o, qo_indptr, kv_indptr, chunk_lo, chunk,
-            spo0, spo1, spo2, spl0, spl1, so0, so1, **meta2,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1),
+            o.stride(0), o.stride(1),
+            SPLIT=config.split_size, DV=DV, BLOCK_DV=meta["BLOCK_DV"], num_warps=4,
         )  # fmt: skip
     return o
-
-
-def aligned_extend(
-    q: torch.Tensor,  # [T, H, D]
-    k_buffer: torch.Tensor,  # [N, KH, D]
-    v_buffer: torch.Tensor,  # [N, KH, DV]
-    o: torch.Tensor,  # [T, H, DV] written
-    qo_indptr: torch.Tensor,  # [B + 1]
-    kv_indptr: torch.Tensor,  # [B + 1], kv lengths include the new tokens
-    kv_indices: torch.Tensor,  # [L]
-    max_qo_len: int,  # host bound on qo_indptr diffs (SGLang's max_extend_len)
-    max_kv_len: int,  # host bound on kv lengths (context length); sizes the split partials
-    sm_scale: float | None = None,
-    config: AlignedAttentionConfig = AlignedAttentionConfig(),
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-    workspace_bytes: int = 512 << 20,
-    num_split_programs: int | None = None,
-    grid_kv_len: int | None = None,
-) -> torch.Tensor:
-    """Causal paged attention for every query token of every request (prefill, extend, mixed, decode).
-
-    Never syncs with the host (grid and launch count depend on the host ints only), so it can be captured
-    in a CUDA graph when `workspace` is given. `workspace` = (part_o [P, H, SP, DV] fp32, part_l [P, H, SP]
-    fp32) with P >= B * chunk; without it a workspace of at most ~`workspace_bytes` is allocated and query
-    offsets are processed in chunks that fit (bits do not depend on the chunking).
-    `grid_kv_len`: optional host-known bound on this batch's kv lengths (eager calls: SGLang's
-    seq_lens_cpu max); only sizes the split grid, never the results (a too-small value still computes every
-    split, just with fewer programs). `num_split_programs` overrides the split grid (bits do not depend on it).
-    """
-    _check(q, k_buffer, v_buffer, o)
-    return _launch(
-        q, k_buffer, v_buffer, o, qo_indptr, kv_indptr, kv_indices, qo_indptr.shape[0] - 1, max_qo_len,
-        max_kv_len, sm_scale, config, workspace, workspace_bytes, num_split_programs, grid_kv_len,
-    )  # fmt: skip
 
 
 def aligned_decode(
@@ -476,7 +398,7 @@ def aligned_decode(
     k_buffer: torch.Tensor,  # [N, KH, D]
     v_buffer: torch.Tensor,  # [N, KH, DV]
     o: torch.Tensor,  # [B, H, DV] written
-    kv_indptr: torch.Tensor,  # [>= B + 1]
+    kv_indptr: torch.Tensor,  # [B + 1]
     kv_indices: torch.Tensor,  # [L]
     max_kv_len: int,
     sm_scale: float | None = None,
@@ -484,20 +406,16 @@ def aligned_decode(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     qo_indptr: torch.Tensor | None = None,
     num_split_programs: int | None = None,
-    grid_kv_len: int | None = None,
 ) -> torch.Tensor:
     """Decode = `aligned_extend` with one query token per request: the same kernels, the same bits.
 
-    `workspace` = SGLang's (attn_logits [>=B, H, SP, DV], attn_lse [>=B, H, SP]); `qo_indptr` = arange(>= B + 1)
-    (pass a preallocated one, e.g. under CUDA-graph capture, to skip the arange; it may be longer than
-    B + 1, as may kv_indptr: only the first B + 1 entries are read). Leave `grid_kv_len` None under graph
-    capture unless it bounds every replay (it only sizes the split grid; see `aligned_extend`).
+    `workspace` = SGLang's (attn_logits [>=B, H, SP, DV], attn_lse [>=B, H, SP]); `qo_indptr` = arange(B + 1)
+    (pass a preallocated one under CUDA-graph capture to skip the arange).
     """
-    _check(q, k_buffer, v_buffer, o)
     B = q.shape[0]
     if qo_indptr is None:
         qo_indptr = torch.arange(B + 1, dtype=torch.int32, device=q.device)
-    return _launch(
-        q, k_buffer, v_buffer, o, qo_indptr, kv_indptr, kv_indices, B, 1, max_kv_len, sm_scale, config,
-        workspace, 512 << 20, num_split_programs, grid_kv_len,
+    return aligned_extend(
+        q, k_buffer, v_buffer, o, qo_indptr[: B + 1], kv_indptr[: B + 1], kv_indices, 1, max_kv_len,
+        sm_scale=sm_scale, config=config, workspace=workspace, num_split_programs=num_split_programs,
     )  # fmt: skip

@@ -44,30 +44,11 @@ be captured and replayed.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-
-try:  # Triton >= 3.4
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    _HAS_GDC = True
-except ImportError:  # pragma: no cover - older Triton: no PDL
-    _HAS_GDC = False
-
-    @triton.jit
-    def gdc_wait():
-        pass
-
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
-
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = [
     "MoeGemvConfig",
@@ -75,8 +56,6 @@ __all__ = [
     "moe_gemv",
     "moe_gemv_aligned",
     "moe_gemv_config",
-    "launch_gate_up",
-    "launch_down",
 ]
 
 
@@ -100,10 +79,6 @@ class MoeGemvConfig:
     gate_up_warps: int = 4
     down_warps: int = 4
     num_stages: int = 1
-    # Programmatic dependent launch (sm90+, compiled kernels only): the down kernel is launched while the
-    # gate-up kernel runs, loads its first weight tile, then waits (griddepcontrol.wait) for h. Hides the
-    # launch gap between the two kernels and the down kernel's ramp-up. Changes no arithmetic (no bits).
-    pdl: bool = True
 
 
 # Keyed by (D, I). Starting points for H100 (bytes in flight per program ~8-16 KB, >= 4 programs per SM at
@@ -150,10 +125,7 @@ def _gate_up_silu_kernel(
     K: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
-        gdc_launch_dependents()  # the down kernel may start once every program here has started
     pair = tl.program_id(0)  # p = m * K + k
     iblk = tl.program_id(1)
     m = pair // K
@@ -203,7 +175,6 @@ def _down_combine_kernel(
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     m = tl.program_id(0)
     nblk = tl.program_id(1)
@@ -223,14 +194,8 @@ def _down_combine_kernel(
         for c in tl.static_range(0, I, BLOCK_K):
             i = c + cols
             i_mask = (i < I) & valid
-            w = tl.load(w_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :], other=0.0)
-            if USE_PDL:
-                if k == 0:
-                    if c == 0:
-                        # h (and, in place, out == x) belong to the gate-up kernel: wait for it here, after
-                        # the first weight tile (which only depends on ids) has been requested.
-                        gdc_wait()
             hv = tl.load(h_row + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]  # [1, BK]
+            w = tl.load(w_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :], other=0.0)
             acc += w.to(tl.float32) * hv
         y = tl.sum(acc, axis=1)  # [BN] this pair's down projection, fp32
         out += tl.where(valid, tw, 0.0) * y
@@ -269,44 +234,6 @@ def _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
         raise MoeGemvInputError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
-_PDL_OK: dict[int, bool] = {}
-
-
-def _use_pdl(cfg: MoeGemvConfig, device: torch.device) -> bool:
-    """PDL when the config asks for it, the kernels are compiled (not interpreted) and the GPU is sm90+."""
-    if not cfg.pdl or _INTERPRET or not _HAS_GDC or device.type != "cuda":
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    ok = _PDL_OK.get(idx)
-    if ok is None:
-        ok = _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return ok
-
-
-def launch_gate_up(x, w13, topk_ids, h, cfg: MoeGemvConfig, pdl: bool = False) -> None:
-    """Kernel 1 alone: h [P, I] = silu(x @ gate.T) * (x @ up.T) per (token, expert) pair (benchmarks time it)."""
-    M, D = x.shape
-    K = topk_ids.shape[1]
-    I = h.shape[1]
-    _gate_up_silu_kernel[(M * K, triton.cdiv(I, cfg.BLOCK_I))](
-        x, w13, topk_ids, h, x.stride(0), topk_ids.stride(0),
-        D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, USE_PDL=pdl,
-        num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-
-
-def launch_down(h, w2, topk_ids, topk_weights, out, scale: float, cfg: MoeGemvConfig, pdl: bool = False) -> None:
-    """Kernel 2 alone: out [M, D] = scale * sum_k tw[m, k] * (h[(m, k)] @ w2[e].T); PDL-launched if `pdl`."""
-    M, K = topk_ids.shape
-    E, D, I = w2.shape
-    _down_combine_kernel[(M, triton.cdiv(D, cfg.BLOCK_N))](
-        h, w2, topk_ids, topk_weights, out,
-        topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
-        D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_PDL=pdl,
-        num_warps=cfg.down_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
-    )  # fmt: skip
-
-
 def moe_gemv(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
@@ -337,10 +264,19 @@ def moe_gemv(
     if M == 0:
         return out
     h = torch.empty((M * K, I), device=hidden_states.device, dtype=torch.bfloat16)  # [P, I]
-    pdl = _use_pdl(cfg, hidden_states.device)
-    launch_gate_up(hidden_states, w13, topk_ids, h, cfg, pdl)
+    _gate_up_silu_kernel[(M * K, triton.cdiv(I, cfg.BLOCK_I))](
+        hidden_states, w13, topk_ids, h,
+        hidden_states.stride(0), topk_ids.stride(0),
+        D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
-    launch_down(h, w2, topk_ids, topk_weights, out, scale, cfg, pdl)
+    _down_combine_kernel[(M, triton.cdiv(D, cfg.BLOCK_N))](
+        h, w2, topk_ids, topk_weights, out,
+        topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
+        D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.down_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
     return out
 
 

@@ -189,49 +189,6 @@ def test_paged_slots_and_launch_chunking_do_not_change_bits():
         assert torch.equal(_stack(out, 0, range(n)), base)
 
 
-def test_split_grid_size_does_not_change_bits():
-    # grid_kv_len (host max length hint) smaller than the real lengths, larger, and fixed split-program
-    # counts: the split grid only decides which program computes a split, never the split's bits.
-    lens = [70, 9]
-    pool = Pool(lens, kv_heads=2, group=2, seed=9)
-    base = pool.extend([(0, 0, 70), (1, 0, 9)], CPU_CFG)
-    for kw in ({"grid_kv_len": 1}, {"grid_kv_len": 33}, {"grid_kv_len": 500}, {"num_split_programs": 2}):
-        out = pool.extend([(0, 0, 70), (1, 0, 9)], CPU_CFG, max_kv_len=256, **kw)
-        for key, row in out.items():
-            assert torch.equal(row, base[key]), (kw, key)
-    # Decode with SGLang-style over-long index buffers (no slicing in the wrapper) and a grid hint.
-    steps = [(0, 69), (1, 8)]
-    q = torch.stack([pool.q[r][p] for r, p in steps])
-    kv = torch.tensor([0, 70, 79, 79, 79], dtype=torch.int32)  # longer than B + 1
-    qo = torch.arange(6, dtype=torch.int32)
-    idx = torch.cat([pool.slots[0], pool.slots[1]])
-    o = torch.empty(2, pool.h, pool.dv, dtype=q.dtype)
-    aligned_decode(q, pool.k, pool.v, o, kv, idx, 256, config=CPU_CFG, qo_indptr=qo, grid_kv_len=40)
-    for i, step in enumerate(steps):
-        assert torch.equal(o[i], base[step]), step
-
-
-def test_default_split_programs():
-    from microturn_kernels.aligned_attention import default_split_programs
-
-    assert default_split_programs(1, 8, 256, sm_count=132) == 256  # batch-1 decode: one program per split
-    assert default_split_programs(32, 8, 256, sm_count=132) == 33  # batch 32: ~64 CTAs per SM in all
-    assert default_split_programs(512, 8, 256, sm_count=132) == 32  # floor: long contexts keep many CTAs
-    assert default_split_programs(512, 8, 4, sm_count=132) == 4  # never more than the splits
-
-
-def test_backend_host_max_kv_len():
-    from types import SimpleNamespace
-
-    from sglang_microturn.aligned_attention_backend import host_max_kv_len
-
-    lens = torch.tensor([5, 70, 9])
-    assert host_max_kv_len(SimpleNamespace(seq_lens_cpu=lens, seq_lens_sum=84)) == 70
-    assert host_max_kv_len(SimpleNamespace(seq_lens_cpu=lens, seq_lens_sum=None)) is None  # stale mirror
-    assert host_max_kv_len(SimpleNamespace(seq_lens_cpu=None, seq_lens_sum=3)) is None
-    assert host_max_kv_len(SimpleNamespace()) is None
-
-
 def test_empty_requests_in_batch_are_skipped():
     pool = Pool([10, 12], seed=7)
     solo = _stack(pool.extend([(1, 0, 12)], CPU_CFG), 1, range(12))
