@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_record import write_result  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from sglang_microturn.server_process import ServerProcess  # noqa: E402
 
 from sglang_microturn.dmel import DMelStream, is_silent  # noqa: E402
 from sglang_microturn.layout import DEFAULT_LAYOUT, InputEvents, LayoutError  # noqa: E402

@@ -1,4 +1,4 @@
-"""The `sglang-microturn` command: patch, serve, make-model."""
+"""The `sglang-microturn` command: patch, serve, demo, make-model."""
 
 from __future__ import annotations
 
@@ -56,13 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         add_help=False,
     )
     s.add_argument("sglang_args", nargs=argparse.REMAINDER)
+    d = sub.add_parser(
+        "demo",
+        help="start the server with the default model, run examples/duplex_chat.py against it, stop it",
+        add_help=False,
+    )
+    d.add_argument("sglang_args", nargs=argparse.REMAINDER)
     m = sub.add_parser("make-model", help="write a MicroTurnForCausalLM checkpoint (seeded random weights, local tokenizer)")
     m.add_argument("--out", required=True, help="output folder (must not already hold a checkpoint)")
     m.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
                    help="size: tiny (CPU tests), small (the serve default), bench (GPU MoE benchmarks)")
 
-    if argv[:1] == ["serve"]:  # everything after `serve` belongs to SGLang, including --help
-        args = argparse.Namespace(command="serve", sglang_args=argv[1:])
+    if argv[:1] in (["serve"], ["demo"]):  # everything after it belongs to SGLang, including --help
+        args = argparse.Namespace(command=argv[0], sglang_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     try:
@@ -70,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             return _patch(args.action)
         if args.command == "make-model":
             return _make_model(args.out, args.preset)
+        from sglang_microturn.demo import demo
         from sglang_microturn.serve import NoCudaError, serve
 
         try:
+            if args.command == "demo":
+                return demo(args.sglang_args)
             serve(args.sglang_args)
         except NoCudaError as e:
             print(f"sglang-microturn: {e}", file=sys.stderr)

@@ -44,7 +44,7 @@ def require_cuda() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise NoCudaError("no CUDA GPU found: `sglang-microturn serve` needs a CUDA GPU (SGLang cannot serve on CPU)")
+        raise NoCudaError("no CUDA GPU found: serving needs a CUDA GPU (SGLang cannot serve on CPU)")
 
 
 def serve(user_args: list[str]) -> None:

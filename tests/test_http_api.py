@@ -25,6 +25,7 @@ class FakeTokenizerManager:
         self.model_config = SimpleNamespace(vocab_size=VOCAB)
         self.tokenizer = SimpleNamespace(bos_token_id=BOS)
         self.lengths: dict[str, int] = {}  # the scheduler's committed length per session
+        self.closed_lengths: list[int] = []  # lengths of sessions at close
         self.timeouts: dict[str, float] = {}
         self.hold = None  # a threading.Event: appends wait for it (or an abort) before finishing
         self.aborted: set[str] = set()
@@ -36,7 +37,8 @@ class FakeTokenizerManager:
         return obj.session_id
 
     async def close_session(self, obj):
-        self.lengths.pop(obj.session_id, None)
+        if obj.session_id in self.lengths:
+            self.closed_lengths.append(self.lengths.pop(obj.session_id))
 
     def abort_request(self, rid):
         self.aborted.add(rid)

@@ -33,12 +33,12 @@ def test_missing_model_path_without_default_is_an_error():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+@pytest.mark.parametrize("command", ["serve", "demo"])
 @pytest.mark.parametrize("args", [[], ["--model-path", "/nonexistent", "--port", "1"]])
-def test_serve_without_cuda_exits_2_with_one_line(args):
-    proc = subprocess.run([sys.executable, "-m", "sglang_microturn.cli", "serve", *args],
+def test_serve_and_demo_without_cuda_exit_2_with_one_line(command, args):
+    proc = subprocess.run([sys.executable, "-m", "sglang_microturn.cli", command, *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["sglang-microturn: no CUDA GPU found: `sglang-microturn serve` needs a CUDA GPU "
-                     "(SGLang cannot serve on CPU)"]
+    assert lines == ["sglang-microturn: no CUDA GPU found: serving needs a CUDA GPU (SGLang cannot serve on CPU)"]
     assert proc.stdout == ""
