@@ -123,7 +123,8 @@ class SessionRegistry:
     def _footprint(self, s: MicroTurnSession) -> int:
         return len(s.tokens) + s.in_flight_reserve
 
-    def _turn_reserve(self, options: SessionOptions, n_input: int, n_output: int) -> int:
+    @staticmethod
+    def _turn_reserve(n_input: int, n_output: int) -> int:
         return max(1, n_input + n_output)
 
     def used_tokens(self) -> int:
@@ -139,7 +140,7 @@ class SessionRegistry:
     # -- lifecycle --
 
     def open(self, options: SessionOptions) -> MicroTurnSession:
-        headroom = self._turn_reserve(options, self.max_chunk_tokens, options.output_budget)
+        headroom = self._turn_reserve(self.max_chunk_tokens, options.output_budget)
         self._admit(headroom, "opening a session")
         session = MicroTurnSession(secrets.token_hex(16), options)  # 128 random bits: unguessable
         self.sessions[session.session_id] = session
@@ -168,7 +169,7 @@ class SessionRegistry:
             raise LengthMismatch(f"session {session_id} has {len(session.tokens)} committed tokens, not the "
                                  f"expected {expected_length}; re-read it with GET /microturn/sessions/{session_id}")
         self._validate_chunk(session, input_ids, output_budget)
-        reserve = self._turn_reserve(session.options, len(input_ids), output_budget)
+        reserve = self._turn_reserve(len(input_ids), output_budget)
         self._admit(reserve, f"appending {len(input_ids)} input + {output_budget} output tokens")
         session.in_flight_reserve = reserve
         self._used += reserve

@@ -116,6 +116,22 @@ class SessionRig:
         else:
             req.kv.kv_allocated_len = seq_len
 
+    def admit_with_schedule_batch(self, req):
+        """Admission through SGLang's own `ScheduleBatch.prepare_for_extend` (row/KV allocation included);
+        returns the batch. Needs TRITON_INTERPRET=1 on CPU (the req_to_token write is a Triton kernel)."""
+        from sglang.srt.managers.schedule_batch import ScheduleBatch
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+        req.init_next_round_input(self.tree_cache)
+        req.set_extend_range(len(req.prefix_indices), len(req.full_untruncated_fill_ids))
+        self.tree_cache.inc_lock_ref(req.last_node)
+        model_config = SimpleNamespace(vocab_size=VOCAB, is_encoder_decoder=False, hf_eos_token_id=None,
+                                       is_hybrid_swa=False)
+        batch = ScheduleBatch.init_new([req], self.req_to_token_pool, self.allocator, self.tree_cache,
+                                       model_config, False, SpeculativeAlgorithm.NONE)
+        batch.prepare_for_extend()
+        return batch
+
     def prefill_done(self, req, token: int) -> None:
         """`process_batch_result_prefill` for one request: append the sampled token, finish or keep running."""
         from sglang.srt.mem_cache.common import maybe_cache_unfinished_req, release_kv_cache
