@@ -231,7 +231,10 @@ class MicroTurnAPI:
             "server_length": server_len,
             "cached_tokens": meta.get("cached_tokens"),
             "finish_reason": reason,
-            "timestamps": {"received": received, "first_token": first_token, "done": time.time()},
+            # scheduled: when SGLang's scheduler launched the turn's first forward; SGLang reports it only
+            # with --enable-metrics (its scheduler time stats), else null.
+            "timestamps": {"received": received, "scheduled": meta.get("forward_entry_time"),
+                           "first_token": first_token, "done": time.time()},
         }
         if return_logprob:
             out["output_logprobs"] = [lp[0] for lp in meta.get("output_token_logprobs") or []]

@@ -46,6 +46,7 @@ class FakeTokenizerManager:
     async def generate_request(self, obj, request):
         sid = obj.session_params["id"]
         n_out = obj.sampling_params["max_new_tokens"]
+        obj.scheduled_at = time.time()
         if sid not in self.lengths:
             yield self._final(obj, 0, [], {"type": "abort", "message": f"session id {sid} does not exist"})
             return
@@ -65,7 +66,8 @@ class FakeTokenizerManager:
 
     @staticmethod
     def _final(obj, prompt, out, reason):
-        meta = {"prompt_tokens": prompt, "completion_tokens": len(out), "cached_tokens": 0, "finish_reason": reason}
+        meta = {"prompt_tokens": prompt, "completion_tokens": len(out), "cached_tokens": 0, "finish_reason": reason,
+                "forward_entry_time": obj.scheduled_at}  # what SGLang adds with --enable-metrics
         if obj.return_logprob:
             meta["output_token_logprobs"] = [(-1.0, t, None) for t in out]
         return {"output_ids": out, "meta_info": meta}
@@ -120,7 +122,7 @@ def test_appends_build_the_committed_sequence(client, tm):
     r1 = append(client, sid, [5, 6, 7, 8]).json()
     assert r1["output_ids"] == [0, 7, 14] and r1["committed_length"] == 7 == r1["server_length"]
     ts = r1["timestamps"]
-    assert ts["received"] <= ts["first_token"] <= ts["done"]
+    assert ts["received"] <= ts["scheduled"] <= ts["first_token"] <= ts["done"]
     r2 = append(client, sid, [9], output_budget=0).json()  # listen only
     assert r2["output_ids"] == [] and r2["committed_length"] == 8 and r2["timestamps"]["first_token"] is None
     s = state(client, sid)
