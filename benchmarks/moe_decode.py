@@ -14,16 +14,15 @@ batch invariance, and the alignment mode's cost at prefill sizes. Writes JSON; p
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_record import write_result  # noqa: E402
 
 SHAPES = [(128, 8, 2048, 768), (8, 2, 4096, 14336), (256, 6, 4096, 2048)]  # (E, K, D, I)
 DECODE_M = [1, 2, 4, 8, 16, 32]
@@ -31,17 +30,6 @@ PREFILL_M = [128, 1024]  # alignment-mode cost at prefill sizes
 ROUTING_SETS = 8
 CALLS_PER_GRAPH = 16
 REPLAYS = 7
-
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("MICROTURN_GIT_COMMIT", "unknown")
 
 
 def setup_sglang():
@@ -291,10 +279,6 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "moe_decode",
-        "card": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "command": [sys.executable, *sys.argv],
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "sglang": sglang.__version__},
         "method": f"CUDA graph of {CALLS_PER_GRAPH} calls rotating {ROUTING_SETS} random routings, median of "
         f"{REPLAYS} replays; read TB/s = distinct experts' weight bytes / time; prefill rows eager, median of 3",
@@ -303,11 +287,9 @@ def main(argv=None) -> int:
         "targets": targets,
         "wall_s": round(time.time() - t_start, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_result(args.out, result)
 
-    print(f"\n{result['card']}: pure read {bw['pure_read_TBps']} TB/s, copy {bw['copy_TBps_read_plus_write']} TB/s")
+    print(f"\n{torch.cuda.get_device_name()}: pure read {bw['pure_read_TBps']} TB/s, copy {bw['copy_TBps_read_plus_write']} TB/s")
     print(f"{'shape (E,K,D,I)':<22}{'M':>4}{'sglang us':>11}{'ours us':>9}{'aligned':>9}{'speedup':>9}{'TB/s':>7}{'%read':>7}")
     for r in rows:
         for d in r["decode"]:

@@ -38,7 +38,6 @@ from sglang_microturn.session_registry import (
     SessionGone,
     SessionOptions,
     SessionRegistry,
-    SessionState,
 )
 
 logger = logging.getLogger(__name__)

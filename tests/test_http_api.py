@@ -167,10 +167,15 @@ def test_bad_append_is_rejected_and_changes_nothing(client, tm, body, status, me
     "raw, message",
     [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b"", "JSON object")],
 )
-def test_malformed_bodies(client, raw, message):
+def test_malformed_bodies(client, tm, raw, message):
+    sid = open_session(client, output_budget=1)
+    append(client, sid, [5])
+    before = state(client, sid)
     for path in ("/microturn/open", "/microturn/append", "/microturn/close"):
         r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and message in r.json()["error"]["message"], (path, r.text)
+    after = state(client, sid)
+    assert after == {**before, "last_activity": after["last_activity"]} and tm.lengths == {sid: 2}
 
 
 @pytest.mark.parametrize(
