@@ -205,7 +205,7 @@ class MicroTurnAPI:
         except BaseException:
             self.registry.abandon(session)
             raise
-        final, first_token, disconnected = outcome
+        final, disconnected = outcome
         meta = final["meta_info"]
         reason = meta.get("finish_reason") or {}
         if reason.get("type") == "abort":
@@ -230,17 +230,19 @@ class MicroTurnAPI:
             "server_length": server_len,
             "cached_tokens": meta.get("cached_tokens"),
             "finish_reason": reason,
-            # scheduled: when SGLang's scheduler launched the turn's first forward; SGLang reports it only
-            # with --enable-metrics (its scheduler time stats), else null.
+            # scheduled / first_token: when SGLang's scheduler launched the turn's first forward / finished
+            # it (the first output token exists then); SGLang reports both only with --enable-metrics (its
+            # scheduler time stats), else null.
             "timestamps": {"received": received, "scheduled": meta.get("forward_entry_time"),
-                           "first_token": first_token, "done": time.time()},
+                           "first_token": meta.get("prefill_finished_time") if output_ids else None,
+                           "done": time.time()},
         }
         if return_logprob:
             out["output_logprobs"] = [lp[0] for lp in meta.get("output_token_logprobs") or []]
         return out
 
     async def _run_turn(self, session, input_ids, budget, return_logprob, wait_disconnect):
-        """Run one SGLang streaming-session turn. Returns (final output, first-token time, disconnected)."""
+        """Run one SGLang streaming-session turn. Returns (final output, disconnected)."""
         from sglang.srt.managers.io_struct import GenerateReqInput
 
         opts = session.options
@@ -258,17 +260,16 @@ class MicroTurnAPI:
                 "ignore_eos": opts.ignore_eos,
             },
             return_logprob=return_logprob,
-            stream=True,
+            # Not streamed: a streamed request makes the scheduler send every decode step's token through the
+            # detokenizer to us (one IPC hop per token); a micro-turn only needs its whole output.
+            stream=False,
         )
         tm = self.backend.tokenizer_manager
-        first_token = None
         final = None
 
         async def consume():
-            nonlocal first_token, final
+            nonlocal final
             async for out in tm.generate_request(obj, None):
-                if first_token is None and out.get("output_ids"):
-                    first_token = time.time()
                 final = out
 
         turn = asyncio.ensure_future(consume())
@@ -287,7 +288,7 @@ class MicroTurnAPI:
                 watcher.cancel()
         if final is None:
             raise MicroTurnError("SGLang returned no output for the append")
-        return final, first_token, disconnected
+        return final, disconnected
 
     async def close(self, body: dict) -> dict:
         from sglang.srt.managers.io_struct import CloseSessionReqInput

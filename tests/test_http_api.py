@@ -58,7 +58,8 @@ class FakeTokenizerManager:
             yield self._final(obj, self.lengths[sid] + len(obj.input_ids), [], {"type": "abort", "message": "Abort"})
             return
         out = [(7 * (self.lengths[sid] + i)) % VOCAB for i in range(n_out)]
-        for k in range(1, n_out):
+        obj.prefill_done_at = time.time()
+        for k in range(1, n_out if obj.stream else 0):
             yield {"output_ids": out[:k], "meta_info": {"finish_reason": None}}
         prompt = self.lengths[sid] + len(obj.input_ids)
         self.lengths[sid] = prompt + n_out
@@ -67,7 +68,8 @@ class FakeTokenizerManager:
     @staticmethod
     def _final(obj, prompt, out, reason):
         meta = {"prompt_tokens": prompt, "completion_tokens": len(out), "cached_tokens": 0, "finish_reason": reason,
-                "forward_entry_time": obj.scheduled_at}  # what SGLang adds with --enable-metrics
+                # what SGLang adds with --enable-metrics
+                "forward_entry_time": obj.scheduled_at, "prefill_finished_time": getattr(obj, "prefill_done_at", None)}
         if obj.return_logprob:
             meta["output_token_logprobs"] = [(-1.0, t, None) for t in out]
         return {"output_ids": out, "meta_info": meta}
