@@ -34,7 +34,13 @@ DEVICE = "cuda"
 DECODE_CTX, DECODE_BS = (1024, 8192, 32768, 65536), (1, 8, 32)
 EXTEND_HIST, EXTEND_BS, EXTEND_NEW = (8192, 32768, 65536), (1, 8), 16
 CHECK_TOKENS, REF_TOKENS = 4100, 2048
-GRAPH_TIMED = ("aligned_S256",)  # the server's configuration, also timed from a CUDA graph
+GRAPH_TIMED = ("aligned_S256", "aligned_S256_allsplits")  # also timed from a CUDA graph
+# The grid before split folding (one program per possible split of a 64k context), for comparison.
+ALL_SPLITS = "aligned_S256_allsplits"
+
+
+def call_kwargs(name, cfg):
+    return {"num_split_programs": cfg.max_splits(CONTEXT_LEN)} if name == ALL_SPLITS else {}
 
 
 def _sglang():
@@ -135,7 +141,8 @@ def run_decode(pool, sgl, configs, bw, sm_count):
                     torch.empty(bs, H, sp, device=DEVICE, dtype=torch.float32),
                 )
                 ours = lambda: aligned_decode(  # noqa: E731
-                    q, pool.k, pool.v, o, kv_indptr, kv_indices, CONTEXT_LEN, config=cfg, workspace=ws, qo_indptr=qo
+                    q, pool.k, pool.v, o, kv_indptr, kv_indices, CONTEXT_LEN, config=cfg, workspace=ws, qo_indptr=qo,
+                    **call_kwargs(name, cfg),
                 )
                 res[f"{name}_us"] = bench(ours)
                 if name in GRAPH_TIMED:
@@ -183,7 +190,8 @@ def run_extend(pool, sgl, configs, bw):
             )
             for name, cfg in configs.items():
                 res[f"{name}_us"] = bench(
-                    lambda: aligned_extend(q, pool.k, pool.v, o, qo, full_indptr, full_idx, new, CONTEXT_LEN, config=cfg)
+                    lambda: aligned_extend(q, pool.k, pool.v, o, qo, full_indptr, full_idx, new, kv_len, config=cfg,
+                                           **call_kwargs(name, cfg))
                 )
             kv_bytes = bs * kv_len * KH * 2 * D * 2
             res["kv_bytes"] = kv_bytes
@@ -269,8 +277,7 @@ def main(argv=None):
     sgl = _sglang()
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     configs = {f"aligned_S{s}": AlignedAttentionConfig(split_size=int(s)) for s in args.splits.split(",")}
-    configs["aligned_S256_m64"] = AlignedAttentionConfig(split_size=256, block_m=64)
-    configs["aligned_S256_w8"] = AlignedAttentionConfig(split_size=256, num_warps=8)
+    configs[ALL_SPLITS] = AlignedAttentionConfig(split_size=256)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     pool = KV(max(max(DECODE_BS) * max(DECODE_CTX), max(EXTEND_BS) * (max(EXTEND_HIST) + EXTEND_NEW)))  # decode batch 32 x 64k: 4 GiB each for K and V

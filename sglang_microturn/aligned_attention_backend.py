@@ -106,6 +106,13 @@ def _make_class():
             # Decode's qo_indptr (one query per request), preallocated so graph capture sees a fixed buffer.
             self._decode_qo_indptr = torch.arange(max_rows + 1, dtype=torch.int32, device=self.device)
 
+        def init_forward_metadata(self, forward_batch):
+            super().init_forward_metadata(forward_batch)
+            # Extends run eagerly: the batch's real longest sequence (known on the host) bounds the split grid
+            # instead of the context length. Decode under CUDA graphs keeps the context-length bound.
+            lens = getattr(forward_batch, "seq_lens_cpu", None)
+            self._extend_max_kv_len = int(lens.max()) if lens is not None and lens.numel() else self.max_context_len
+
         def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor):
             # Informational only: the kernels derive each row's split count from its position.
             num_seq = seq_lens.shape[0]
@@ -140,7 +147,7 @@ def _make_class():
             # prefix_lens is implied: each request's queries are its last qo_len keys.
             return aligned_extend(
                 q, k_buffer, v_buffer, o, qo_indptr, kv_indptr, kv_indices, int(max_len_extend),
-                self.max_context_len, sm_scale=sm_scale, config=self.aligned_config,
+                self._extend_max_kv_len, sm_scale=sm_scale, config=self.aligned_config,
                 workspace_bytes=self.workspace_bytes,
             )  # fmt: skip
 

@@ -65,6 +65,9 @@ BF16_TOLERANCE = {"atol": 2e-2, "rtol": 2e-2}
 
 _LOG2E = 1.4426950408889634
 
+# Stage 1 programs to aim for per SM when the split axis is folded into loops (see `_split_programs`).
+_PROGRAMS_PER_SM = 16
+
 # Triton 3.6's interpreter (TRITON_INTERPRET=1, CPU tests) mis-reads bf16 operands of tl.dot; there the dot
 # operands are widened to fp32 first, which is exact (bf16 -> fp32) and keeps fp32 accumulation. Compiled
 # kernels feed bf16 to the tensor cores.
@@ -294,6 +297,23 @@ def _merge_splits_kernel(
         )
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_programs(other_programs: int, sp_max: int, device: torch.device) -> int:
+    """Programs along the split axis; each loops over splits sp, sp + n, ... (bits do not depend on n).
+
+    One program per split (n = sp_max) launches a grid sized for the longest possible request: with
+    SGLang's context length and a short batch most programs find no split to do, and at decode batch 32
+    over 1k keys those empty programs cost more than the work (65k programs for 1k live ones). Folding
+    splits into loops until the grid is ~_PROGRAMS_PER_SM waves of the GPU keeps long single requests
+    parallel and bounds the empty programs."""
+    return max(1, min(sp_max, triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), other_programs)))
+
+
 def _check(q, k_buffer, v_buffer, o):
     if q.dim() != 3 or k_buffer.dim() != 3 or v_buffer.dim() != 3 or o.dim() != 3:
         raise ValueError(
@@ -360,8 +380,11 @@ def aligned_extend(
         chunk = max(1, min(max_qo_len, workspace_bytes // per_offset))
         part_o = torch.empty((B * chunk, H, sp_max, DV), dtype=torch.float32, device=q.device)
         part_l = torch.empty((B * chunk, H, sp_max), dtype=torch.float32, device=q.device)
-    split_progs = sp_max if num_split_programs is None else max(1, min(num_split_programs, sp_max))
     tiles_per_req = triton.cdiv(chunk + tpt - 1, tpt)
+    if num_split_programs is None:
+        split_progs = _split_programs(B * tiles_per_req * KH, sp_max, q.device)
+    else:
+        split_progs = max(1, min(num_split_programs, sp_max))
     meta = dict(
         G=G,
         G_PAD=triton.next_power_of_2(G),
