@@ -201,3 +201,29 @@ def test_gpu_cuda_graph_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,K,D,I", REAL_SHAPES)
+def test_gpu_pdl_and_hints_bitwise_equal_in_a_graph(E, K, D, I):
+    # PDL lets the down kernel start before the gate-up kernel ends: a missing wait would show as a race.
+    from microturn_kernels.moe_gemv import moe_gemv_config
+
+    x, w13, w2, tw, ids = make_moe(8, E, K, D, I, seed=15, device="cuda")
+    base = moe_gemv_config(D, I)
+    expected = moe_gemv(x, w13, w2, tw, ids, config=base)
+    cfg = dataclasses.replace(base, pdl=True, prefetch_w2=True, evict_first=True)
+    out = torch.empty_like(x)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        moe_gemv(x, w13, w2, tw, ids, out=out, config=cfg)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(4):
+            moe_gemv(x, w13, w2, tw, ids, out=out, config=cfg)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
