@@ -359,7 +359,7 @@ def sweep_shape(E, K, D, I, bw_read, deadline, record) -> dict:
         row["configs"].append(entry)
     record()
 
-    def time_configs(M, x, sets, topk, configs):
+    def time_configs(x, sets, configs):
         outs = [torch.empty_like(x) for _ in range(ROUTING_SETS)]
         times = {}
         for cid, _, cfg in configs:
@@ -377,16 +377,16 @@ def sweep_shape(E, K, D, I, bw_read, deadline, record) -> dict:
                 torch.cuda.synchronize()
         return times
 
-    data = {}  # M -> (x, sets, topk, read_bytes)
+    data = {}  # M -> (x, routing sets), kept for timing the merged config
     for M in DECODE_M:
         x = torch.randn(M, D, device=DEVICE, dtype=torch.bfloat16)
         sets = [routing(M, E, K, seed=1000 * M + s) for s in range(ROUTING_SETS)]
         topk = [StandardTopKOutput(w, i, l) for w, i, l in sets]
         read_bytes = statistics.mean(len(torch.unique(i)) for _, i, _ in sets) * expert_bytes
-        data[M] = (x, sets, topk, read_bytes)
+        data[M] = (x, sets)
         t_sgl = time_graph(lambda i: fused_experts(hidden_states=x, w1=w13, w2=w2, topk_output=topk[i % ROUTING_SETS],
                                                    moe_runner_config=moe_cfg), replays=SWEEP_REPLAYS)  # fmt: skip
-        times = time_configs(M, x, sets, topk, candidates)
+        times = time_configs(x, sets, candidates)
         row["decode"].append({"M": M, "read_MB": round(read_bytes / 1e6, 2), "sglang_us": round(t_sgl, 2),
                               "config_us": times})  # fmt: skip
         record()
@@ -415,8 +415,7 @@ def sweep_shape(E, K, D, I, bw_read, deadline, record) -> dict:
             entry.update(check)
             if check["ok"]:
                 for d in row["decode"]:
-                    x, sets, topk, _ = data[d["M"]]
-                    d["config_us"].update(time_configs(d["M"], x, sets, topk, [(entry["id"], "merged", merged)]))
+                    d["config_us"].update(time_configs(*data[d["M"]], [(entry["id"], "merged", merged)]))
                 known[merged] = entry["id"]
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -468,9 +467,8 @@ def run_sweep(args) -> int:
         deadline = time.time() + (t_start + args.budget_s - time.time()) / (len(shapes) - n)
         try:
             result["shapes"].append(sweep_shape(*shape, result["bandwidth"]["pure_read_TBps"], deadline, record))
-        except Exception as exc:  # keep the other shapes' numbers
+        except Exception as exc:  # keep the other shapes' numbers (a sticky CUDA error fails the rest too)
             result["shapes"].append({"shape": shape, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
-            torch.cuda.synchronize()
         record()
     result["complete"] = True
     record()
