@@ -434,7 +434,26 @@ def sweep_shape(E, K, D, I, bw_read, deadline, record) -> dict:
                 t = d["config_us"][cid]
                 d[name] = {"us": t, "speedup_vs_sglang": round(d["sglang_us"] / t, 3),
                            "pct_of_pure_read": round(100 * d["read_MB"] / t / bw_read, 1)}  # fmt: skip
+    row["deployable"] = deployable_summary(row)
     return row
+
+
+def deployable_summary(row) -> dict:
+    """What one config per shape (the merged one, else the table's) achieves: the issue's targets per shape and
+    the largest M up to which it is never slower than SGLang (input for MICROTURN_MOE_GEMV_MAX_TOKENS)."""
+    name = "merged" if all("merged" in d for d in row["decode"]) else "default"
+    points = [(d["M"], d[name]) for d in row["decode"] if name in d]
+    wins_up_to = 0
+    for M, p in points:
+        if p["speedup_vs_sglang"] < 1.0:
+            break
+        wins_up_to = M
+    return {
+        "config": name,
+        "never_slower_than_sglang_up_to_M": wins_up_to,
+        "speedup_M1": next((p["speedup_vs_sglang"] for M, p in points if M == 1), None),
+        "min_pct_of_pure_read_M1_to_8": min((p["pct_of_pure_read"] for M, p in points if M <= 8), default=None),
+    }
 
 
 def run_sweep(args) -> int:
@@ -492,6 +511,7 @@ def print_sweep(result) -> None:
                   f"{b.get('pct_of_pure_read', '-'):>7}")  # fmt: skip
         merged = r.get("merged_config_id")
         print(f"  merged config (id {merged}): {r['configs'][merged] if merged is not None else 'none'}")
+        print(f"  one config per shape: {r['deployable']}")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

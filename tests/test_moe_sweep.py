@@ -29,7 +29,8 @@ def test_candidates_vary_one_group_and_merge_takes_each_groups_winner():
     g = replace(BASE, BLOCK_I=16, gate_up_stages=3)
     d = replace(BASE, BLOCK_N=4, down_warps=8)
     f = replace(BASE, pdl=True)
-    merged = moe_decode.merge_best(BASE, [("gate_up", g, 0.9), ("down", d, 0.95), ("down", BASE, 0.97), ("flags", f, 1.02)])
+    timed = [("gate_up", g, 0.9), ("down", d, 0.95), ("down", BASE, 0.97), ("flags", f, 1.02)]
+    merged = moe_decode.merge_best(BASE, timed)
     assert merged == replace(BASE, BLOCK_I=16, gate_up_stages=3, BLOCK_N=4, down_warps=8)  # flags lost: not kept
 
 
@@ -70,3 +71,5 @@ def test_sweep_dry_run_writes_complete_json(tmp_path, monkeypatch):
         assert d["default"]["us"] == d["config_us"]["0"]
     merged = row["configs"][row["merged_config_id"]]
     assert merged["group"] == "merged" and merged["ok"] and str(merged["id"]) in row["decode"][0]["config_us"]
+    summary = row["deployable"]
+    assert summary["config"] == "merged" and summary["never_slower_than_sglang_up_to_M"] == 2
