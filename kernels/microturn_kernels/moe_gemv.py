@@ -17,6 +17,8 @@ Kernels (no padding, sorting or block-alignment pass; no atomics; no host sync):
   2. `_down_combine_kernel`, grid (M, cdiv(D, BLOCK_N)): one program computes BLOCK_N output rows of one
      token: for k = 0..K-1 in order, the down-projection dot of h[(m, k)] with w2[e_k, rows], times
      topk_weights[m, k], summed in fp32; only the final [M, D] bf16 output is written.
+  With `MoeGemvConfig.pdl` the down kernel is a programmatic dependent launch: its programs start while the
+  gate-up grid drains (optionally bulk-prefetching their w2 rows into L2) and wait for it before reading h.
   The pair / token index is grid axis 0, the fastest-launched one: programs that run at the same time work
   on the same rows of every expert, so tokens sharing an expert read its rows from L2 rather than HBM.
 
@@ -44,6 +46,8 @@ be captured and replayed.
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -65,11 +69,22 @@ class MoeGemvInputError(ValueError):
 
 @dataclass(frozen=True)
 class MoeGemvConfig:
-    """Block sizes of the two kernels. Chosen from the weight shape only: changing it may change low bits.
+    """Tile configuration of the two kernels. Chosen from the weight shape only (never from M: batch
+    invariance); a different config may change low bits of the output.
 
     BLOCK_I: gate (and up) rows per program of the gate-up kernel; BLOCK_D: its reduction chunk over D.
     BLOCK_N: output rows per program of the down kernel; BLOCK_K: its reduction chunk over I.
     All four are powers of two; tails are masked.
+    gate_up_stages, down_stages: 0 unrolls the kernel's reduction loop (static_range: every chunk's loads
+      can be issued up front, at the cost of registers); n >= 1 keeps it a loop that Triton software-
+      pipelines n deep (`tl.range(num_stages=n)`: cp.async copies through shared memory on sm_80+).
+    evict_first: weight loads carry the evict-first L2 hint (weights stream through once per token at
+      M=1; x, h and the routing stay resident).
+    pdl: programmatic dependent launch (Hopper+, CUDA only; ignored elsewhere): the down kernel is launched
+      while the gate-up kernel drains, takes SM slots as they free up and waits (griddepcontrol.wait)
+      before it reads h or writes out; the launch gap and the first kernel's tail overlap the second's start.
+    prefetch_w2: with pdl, each down program asks L2 for its w2 rows (one bulk prefetch per top-k slot)
+      before it waits, so its weight stream starts during the gate-up tail.
     """
 
     BLOCK_I: int
@@ -78,7 +93,11 @@ class MoeGemvConfig:
     BLOCK_K: int
     gate_up_warps: int = 4
     down_warps: int = 4
-    num_stages: int = 1
+    gate_up_stages: int = 0
+    down_stages: int = 0
+    evict_first: bool = False
+    pdl: bool = False
+    prefetch_w2: bool = False
 
 
 # Keyed by (D, I). Starting points for H100 (bytes in flight per program ~8-16 KB, >= 4 programs per SM at
@@ -113,6 +132,33 @@ def _to_bf16(x):
 
 
 @triton.jit
+def _prefetch_l2(ptr, nbytes):
+    # One bulk L2 prefetch (sm_90 `cp.async.bulk.prefetch.L2`) of nbytes contiguous bytes from ptr, issued
+    # by thread 0 only; ptr 16-byte aligned, nbytes a multiple of 16. A hint: nothing waits on it.
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [ptr, nbytes],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _gate_up_chunk(acc_g, acc_u, x_row, w_gate, w_up, row_mask, c, cols, D: tl.constexpr, EVICT: tl.constexpr):
+    # acc += w * x over the D-chunk starting at c: [BI, BD] fp32 elementwise, reduced once at the end.
+    d = c + cols
+    d_mask = d < D
+    xv = tl.load(x_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]  # [1, BD]
+    m2 = row_mask[:, None] & d_mask[None, :]
+    wg = tl.load(w_gate + d[None, :], mask=m2, other=0.0, eviction_policy=EVICT)  # [BI, BD]
+    wu = tl.load(w_up + d[None, :], mask=m2, other=0.0, eviction_policy=EVICT)
+    return acc_g + wg.to(tl.float32) * xv, acc_u + wu.to(tl.float32) * xv
+
+
+@triton.jit
 def _gate_up_silu_kernel(
     x_ptr,  # [M, D] bf16, row stride stride_xm
     w13_ptr,  # [E, 2I, D] bf16, contiguous
@@ -125,7 +171,14 @@ def _gate_up_silu_kernel(
     K: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
+    EVICT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        # Every program is resident once all have passed this point: the down kernel may start taking the
+        # SM slots that free up (it waits for this whole grid before reading h).
+        tl.extra.cuda.gdc_launch_dependents()
     pair = tl.program_id(0)  # p = m * K + k
     iblk = tl.program_id(1)
     m = pair // K
@@ -143,20 +196,28 @@ def _gate_up_silu_kernel(
 
     acc_g = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
-    for c in tl.static_range(0, D, BLOCK_D):  # fixed chunk order; unrolled so loads can be issued early
-        d = c + cols
-        d_mask = d < D
-        xv = tl.load(x_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]  # [1, BD]
-        m2 = row_mask[:, None] & d_mask[None, :]
-        wg = tl.load(w_gate + d[None, :], mask=m2, other=0.0)  # [BI, BD]
-        wu = tl.load(w_up + d[None, :], mask=m2, other=0.0)
-        acc_g += wg.to(tl.float32) * xv
-        acc_u += wu.to(tl.float32) * xv
+    # Fixed chunk order either way; the two loop forms differ only in how loads are scheduled.
+    if STAGES == 0:
+        for c in tl.static_range(0, D, BLOCK_D):
+            acc_g, acc_u = _gate_up_chunk(acc_g, acc_u, x_row, w_gate, w_up, row_mask, c, cols, D, EVICT)
+    else:
+        for c in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+            acc_g, acc_u = _gate_up_chunk(acc_g, acc_u, x_row, w_gate, w_up, row_mask, c, cols, D, EVICT)
     # Rounded to bf16 like SGLang's gate-up GEMM output, then SiLU-and-multiply in fp32.
     g = _to_bf16(tl.sum(acc_g, axis=1)).to(tl.float32)  # [BI]
     u = _to_bf16(tl.sum(acc_u, axis=1)).to(tl.float32)
     h = g / (1.0 + tl.exp(-g)) * u
     tl.store(h_ptr + pair.to(tl.int64) * I + rows, _to_bf16(h), mask=rows < I)
+
+
+@triton.jit
+def _down_chunk(acc, h_row, w_rows, row_mask, i_valid, c, cols, I: tl.constexpr, EVICT: tl.constexpr):
+    # acc += w2 * h over the I-chunk starting at c: [BN, BK] fp32 elementwise, reduced once per pair.
+    i = c + cols
+    i_mask = (i < I) & i_valid
+    hv = tl.load(h_row + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]  # [1, BK]
+    w = tl.load(w_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :], other=0.0, eviction_policy=EVICT)
+    return acc + w.to(tl.float32) * hv
 
 
 @triton.jit
@@ -175,9 +236,21 @@ def _down_combine_kernel(
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
+    EVICT: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    PREFETCH_W2: tl.constexpr,
 ):
     m = tl.program_id(0)
     nblk = tl.program_id(1)
+    if PREFETCH_W2:
+        # This program's rows of each selected expert are BLOCK_N * I contiguous elements (the wrapper
+        # enables this only when D % BLOCK_N == 0, so they are in bounds).
+        for k in tl.static_range(K):
+            e = tl.maximum(tl.load(ids_ptr + m * stride_idm + k).to(tl.int64), 0)
+            _prefetch_l2(w2_ptr + e * (D * I) + nblk.to(tl.int64) * (BLOCK_N * I), BLOCK_N * I * 2)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # h is written by the gate-up grid: nothing below may run before it ends
     rows = nblk * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output rows
     row_mask = rows < D
     cols = tl.arange(0, BLOCK_K)  # [BK]
@@ -191,12 +264,12 @@ def _down_combine_kernel(
         w_rows = w2_ptr + e * (D * I) + rows[:, None].to(tl.int64) * I  # [BN, 1]
         h_row = h_ptr + (m * K + k).to(tl.int64) * I
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for c in tl.static_range(0, I, BLOCK_K):
-            i = c + cols
-            i_mask = (i < I) & valid
-            hv = tl.load(h_row + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]  # [1, BK]
-            w = tl.load(w_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :], other=0.0)
-            acc += w.to(tl.float32) * hv
+        if STAGES == 0:
+            for c in tl.static_range(0, I, BLOCK_K):
+                acc = _down_chunk(acc, h_row, w_rows, row_mask, valid, c, cols, I, EVICT)
+        else:
+            for c in tl.range(0, I, BLOCK_K, num_stages=STAGES):
+                acc = _down_chunk(acc, h_row, w_rows, row_mask, valid, c, cols, I, EVICT)
         y = tl.sum(acc, axis=1)  # [BN] this pair's down projection, fp32
         out += tl.where(valid, tw, 0.0) * y
     out = out * scale
@@ -234,6 +307,22 @@ def _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
         raise MoeGemvInputError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
+@functools.cache
+def _pdl_capability(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+# Triton picks the interpreter when a kernel is decorated, i.e. at this module's import.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    # Programmatic dependent launch needs sm_90+ and a real launch (the interpreter runs kernels on the CPU).
+    if device.type != "cuda" or _INTERPRETED:
+        return False
+    return _pdl_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def moe_gemv(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
@@ -264,18 +353,23 @@ def moe_gemv(
     if M == 0:
         return out
     h = torch.empty((M * K, I), device=hidden_states.device, dtype=torch.bfloat16)  # [P, I]
+    pdl = cfg.pdl and _pdl_supported(hidden_states.device)
+    evict = "evict_first" if cfg.evict_first else ""
     _gate_up_silu_kernel[(M * K, triton.cdiv(I, cfg.BLOCK_I))](
         hidden_states, w13, topk_ids, h,
         hidden_states.stride(0), topk_ids.stride(0),
-        D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D,
-        num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages,
+        D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, STAGES=cfg.gate_up_stages, EVICT=evict, USE_PDL=pdl,
+        num_warps=cfg.gate_up_warps,
     )  # fmt: skip
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
+    # The bulk prefetch needs whole, 16-byte aligned row blocks.
+    prefetch = pdl and cfg.prefetch_w2 and D % cfg.BLOCK_N == 0 and (cfg.BLOCK_N * I * 2) % 16 == 0
     _down_combine_kernel[(M, triton.cdiv(D, cfg.BLOCK_N))](
         h, w2, topk_ids, topk_weights, out,
         topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
-        D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        num_warps=cfg.down_warps, num_stages=cfg.num_stages,
+        D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
+        USE_PDL=pdl, PREFETCH_W2=prefetch,
+        num_warps=cfg.down_warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 

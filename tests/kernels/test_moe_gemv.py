@@ -7,6 +7,8 @@ differ by the final bf16 rounding plus an fp32-order flip of an intermediate rou
 2^-7 * max|ref|; vs pure fp32 math (kernel_rounding=False) the relative Frobenius error stays below 1e-2.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -45,6 +47,38 @@ def test_matches_reference(M, E, K, D, I):
     out = moe_gemv(x, w13, w2, tw, ids, config=SMALL)
     assert out.shape == (M, D) and out.dtype == torch.bfloat16
     assert_close_to_reference(out, x, w13, w2, tw, ids)
+
+
+# Every tile-config axis the sweep (benchmarks/moe_decode.py --sweep) varies: loop form (unrolled vs
+# software-pipelined), eviction hint, PDL and the w2 prefetch (CUDA only; on CPU they must be ignored).
+CONFIG_AXES = [
+    dataclasses.replace(SMALL, gate_up_stages=2),
+    dataclasses.replace(SMALL, down_stages=3),
+    dataclasses.replace(SMALL, BLOCK_I=4, BLOCK_D=64, BLOCK_N=2, BLOCK_K=32, gate_up_warps=2, down_warps=8),
+    dataclasses.replace(SMALL, evict_first=True),
+    dataclasses.replace(SMALL, pdl=True, prefetch_w2=True),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIG_AXES, ids=lambda c: str(c)[len("MoeGemvConfig") :])
+def test_config_axes_reference_and_batch_invariance(cfg):
+    x, w13, w2, tw, ids = make_moe(6, 8, 3, 96, 40, seed=13)
+    batch = moe_gemv(x, w13, w2, tw, ids, config=cfg)
+    assert_close_to_reference(batch, x, w13, w2, tw, ids)
+    for m in (0, 5):
+        alone = moe_gemv(x[m : m + 1], w13, w2, tw[m : m + 1], ids[m : m + 1], config=cfg)
+        assert torch.equal(alone, batch[m : m + 1]), m
+    big = moe_gemv(x.repeat(3, 1), w13, w2, tw.repeat(3, 1), ids.repeat(3, 1), config=cfg)  # M=18
+    assert torch.equal(big[-6:], batch)
+
+
+def test_loop_form_and_hints_keep_the_arithmetic():
+    # Unrolled and pipelined loops, the eviction hint and PDL change scheduling only, not the reduction
+    # order: bitwise equal to the base config (on the GPU this is checked by the sweep for each config).
+    x, w13, w2, tw, ids = make_moe(3, 8, 3, 96, 40, seed=14)
+    base = moe_gemv(x, w13, w2, tw, ids, config=SMALL)
+    for cfg in (CONFIG_AXES[0], CONFIG_AXES[1], CONFIG_AXES[3], CONFIG_AXES[4]):
+        assert torch.equal(moe_gemv(x, w13, w2, tw, ids, config=cfg), base), cfg
 
 
 def test_default_config_and_int64_ids_and_scaling():
@@ -167,3 +201,29 @@ def test_gpu_cuda_graph_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,K,D,I", REAL_SHAPES)
+def test_gpu_pdl_and_hints_bitwise_equal_in_a_graph(E, K, D, I):
+    # PDL lets the down kernel start before the gate-up kernel ends: a missing wait would show as a race.
+    from microturn_kernels.moe_gemv import moe_gemv_config
+
+    x, w13, w2, tw, ids = make_moe(8, E, K, D, I, seed=15, device="cuda")
+    base = moe_gemv_config(D, I)
+    expected = moe_gemv(x, w13, w2, tw, ids, config=base)
+    cfg = dataclasses.replace(base, pdl=True, prefetch_w2=True, evict_first=True)
+    out = torch.empty_like(x)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        moe_gemv(x, w13, w2, tw, ids, out=out, config=cfg)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(4):
+            moe_gemv(x, w13, w2, tw, ids, out=out, config=cfg)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
