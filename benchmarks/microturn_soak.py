@@ -171,28 +171,30 @@ class SessionDriver:
         await self.append([101], output_budget=0)  # a last append: a 412 here surfaces any late dropped turn
 
 
-async def budget_phase(client: MicroTurnClient, driver: SessionDriver, chunk_tokens: int) -> dict:
-    """Grow one session until the KV budget refuses an append; then opens must fail until it closes."""
+async def budget_phase(client: MicroTurnClient, drivers: list[SessionDriver], chunk_tokens: int) -> dict:
+    """Grow the sessions round-robin until the KV budget refuses an append; then opens must fail until one
+    closes. Round-robin, so that no session reaches the model's context length first (that is a 400, not
+    the budget): after the main phase the budget's free room is ~600 tokens per session plus what
+    rolled-back turns left unused."""
     out = {"appends_until_429": 0}
     big = [101] * chunk_tokens
-    while True:
+    refused = None
+    while refused is None and out["appends_until_429"] <= 100_000:
+        driver = drivers[out["appends_until_429"] % len(drivers)]
         try:
             reply = await driver.session.append(big, output_budget=0, expected_length=len(driver.acked))
             driver.acked += big + reply["output_ids"]
             out["appends_until_429"] += 1
         except OverBudgetError as e:
             out["append_429"] = e.message
-            break
-        if out["appends_until_429"] > 100_000:
-            out["append_429"] = None
-            break
-    out["unchanged_after_429"] = await driver.server_tokens() == driver.acked
+            refused = driver
+    out["unchanged_after_429"] = refused is not None and await refused.server_tokens() == refused.acked
     try:
         await client.open()
         out["open_429"] = False
     except OverBudgetError:
         out["open_429"] = True
-    await driver.session.close()
+    await drivers[0].session.close()
     probe = await client.open()
     out["open_after_close_ok"] = True
     await probe.close()
@@ -213,7 +215,10 @@ async def soak(url: str, args) -> dict:
             equal += 1
         else:
             d.fail("final server sequence differs from the acknowledged one")
-    budget = await budget_phase(client, drivers[0], args.budget_chunk)
+    try:
+        budget = await budget_phase(client, drivers, args.budget_chunk)
+    except Exception as e:  # noqa: BLE001 - the main phase's verdict is still recorded
+        budget = {"error": f"{type(e).__name__}: {e}"}
     for d in drivers[1:]:
         await d.session.close()
     client.close()
