@@ -65,8 +65,11 @@ BF16_TOLERANCE = {"atol": 2e-2, "rtol": 2e-2}
 
 _LOG2E = 1.4426950408889634
 
-# Stage 1 programs to aim for per SM when the split axis is folded into loops (see `_split_programs`).
-_PROGRAMS_PER_SM = 16
+# Stage 1 programs to aim for per SM when the split axis is folded into loops (see `_split_programs`). H100,
+# decode from CUDA graphs (benchmarks/results/attention_h100.json): 16 made batch 32 over 32k-64k keys 7-9%
+# slower than one program per split (each program then walks many short splits); one per split made batch
+# 32 over 1k keys 1.8x slower (65k programs, 1k of them with work).
+_PROGRAMS_PER_SM = 64
 
 # Triton 3.6's interpreter (TRITON_INTERPRET=1, CPU tests) mis-reads bf16 operands of tl.dot; there the dot
 # operands are widened to fp32 first, which is exact (bf16 -> fp32) and keeps fp32 accumulation. Compiled
