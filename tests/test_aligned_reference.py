@@ -1,0 +1,57 @@
+"""The reference model in aligned mode (the trainer side of alignment, sglang_microturn.aligned_forward):
+a token's logprob is bitwise the same in a one-shot forward, any chunking over the KV cache, or one token at
+a time; and it stays close to the fp32 reference (bf16 rounding only).
+
+CPU: Triton interpreter; MoE blocks widened for the tiny shapes (`fast_moe`) so the interpreter runs few
+programs; the bits then differ from the default config's, but the same config serves every path.
+"""
+
+import pytest
+import torch
+
+from microturn_kernels import moe_gemv
+from sglang_microturn.checkpoints import preset, write_checkpoint
+from sglang_microturn.reference_model import load_reference, score, score_aligned
+
+SEQ = 40
+
+
+@pytest.fixture(scope="module")
+def tiny_shared(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("aligned") / "tiny_shared", preset("tiny", shared_expert_width=24))
+
+
+@pytest.fixture(autouse=True)
+def fast_moe(monkeypatch):
+    monkeypatch.setitem(moe_gemv._CONFIGS, (64, 32), moe_gemv.MoeGemvConfig(BLOCK_I=32, BLOCK_D=64, BLOCK_N=64,
+                                                                            BLOCK_K=32))
+
+
+def _ids(n=SEQ, seed=0):
+    return torch.randint(0, 832, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_shared):
+    return load_reference(tiny_shared, dtype=torch.bfloat16)
+
+
+def test_chunkings_and_one_token_at_a_time_are_bitwise_equal(model):
+    ids = _ids()
+    one_shot = score_aligned(model, ids)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):  # random micro-turn chunkings
+        cuts = sorted(torch.randperm(SEQ - 1, generator=g)[:5].add(1).tolist())
+        chunks = [b - a for a, b in zip([0, *cuts], [*cuts, SEQ])]
+        assert torch.equal(score_aligned(model, ids, chunks), one_shot), chunks
+    assert torch.equal(score_aligned(model, ids[:16], [1] * 16), one_shot[:15])
+
+
+def test_close_to_fp32_reference_and_checks_its_inputs(model, tiny_shared):
+    ids = _ids(seed=2)
+    diff = (score_aligned(model, ids) - score(load_reference(tiny_shared), ids)).abs()
+    assert diff.median() < 0.05 and diff.max() < 0.5  # bf16 rounding of a near-uniform tiny model
+    with pytest.raises(ValueError, match="sum to the sequence length 40"):
+        score_aligned(model, ids, [10, 10])
+    with pytest.raises(ValueError, match="bf16 weights only, found torch.float32"):
+        score_aligned(load_reference(tiny_shared), ids)
