@@ -157,6 +157,6 @@ def forward_hidden(weights: AlignedWeights, ids: torch.Tensor, positions: torch.
     return rms_norm(x, weights.final_norm, s.rms_norm_eps)
 
 
-def logits(weights: AlignedWeights, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [T, V] of final-normed hidden states [T, D]."""
-    return matmul(hidden.to(torch.bfloat16).contiguous(), weights.lm_head, torch.float32)
+def logits(lm_head: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [T, V] of final-normed hidden states [T, D] and the lm_head weight [V, D]."""
+    return matmul(hidden.to(torch.bfloat16).contiguous(), lm_head, torch.float32)

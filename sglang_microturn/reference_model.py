@@ -278,16 +278,19 @@ class AlignedKVCache:
     mode, and the attention over them: `aligned_extend` with the server's AlignedAttentionConfig (from the
     same MICROTURN_ATTN_* environment), so a token's attention bits match the server's."""
 
-    def __init__(self, model: MicroTurnReference):
+    def __init__(self, num_layers: int):
         from sglang_microturn.aligned_attention_backend import config_from_env
 
         self.config = config_from_env()
-        self.weights = model.aligned_weights()
-        self.k: list[torch.Tensor | None] = [None] * model.spec.num_layers
-        self.v: list[torch.Tensor | None] = [None] * model.spec.num_layers
-        self.length = 0
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[0]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`aligned_forward.Attend`: appends k, v [T, KV, hd] to the layer's cache; returns [T, H, hd]."""
         from microturn_kernels.aligned_attention import aligned_extend
 
         if self.k[layer] is not None:
@@ -303,13 +306,13 @@ class AlignedKVCache:
             sm_scale=q.shape[-1] ** -0.5, config=self.config,
         )  # fmt: skip
 
-    @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [T, V] of the next T tokens ids [T] of the sequence; appends their K/V."""
-        positions = torch.arange(self.length, self.length + len(ids), device=ids.device)
-        hidden = aligned_forward.forward_hidden(self.weights, ids, positions, self.attend)
-        self.length += len(ids)
-        return aligned_forward.logits(self.weights, hidden)
+
+@torch.no_grad()
+def aligned_logits(weights: aligned_forward.AlignedWeights, ids: torch.Tensor, cache: AlignedKVCache) -> torch.Tensor:
+    """fp32 logits [T, V] of the sequence's next T tokens ids [T]; appends their K/V to `cache`."""
+    positions = torch.arange(cache.length, cache.length + len(ids), device=ids.device)
+    hidden = aligned_forward.forward_hidden(weights, ids, positions, cache.attend)
+    return aligned_forward.logits(weights.lm_head, hidden)
 
 
 @torch.no_grad()
@@ -321,9 +324,15 @@ def score_aligned(model: MicroTurnReference, ids, chunks: list[int] | None = Non
     chunks = [len(ids)] if chunks is None else chunks
     if sum(chunks) != len(ids) or min(chunks) < 1:
         raise ValueError(f"chunks {chunks} must be positive and sum to the sequence length {len(ids)}")
-    cache, parts, start = AlignedKVCache(model), [], 0
+    weights, cache = model.aligned_weights(), AlignedKVCache(model.spec.num_layers)
+    parts, start = [], 0
     for n in chunks:
-        parts.append(cache.forward(ids[start:start + n]))
+        parts.append(aligned_logits(weights, ids[start:start + n], cache))
         start += n
-    logprobs = torch.log_softmax(torch.cat(parts)[:-1], dim=-1)  # SGLang's sampler: F.log_softmax on fp32
-    return logprobs.gather(-1, ids[1:, None])[:, 0]
+    return token_logprobs(torch.cat(parts), ids)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t = 1 .. T - 1 from fp32 logits [T, V]: torch.log_softmax on fp32 rows, the
+    op SGLang's sampler and input-logprob path apply to the logits it returns."""
+    return torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[1:, None])[:, 0]

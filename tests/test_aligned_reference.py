@@ -3,11 +3,12 @@ a token's logprob is bitwise the same in a one-shot forward, any chunking over t
 a time; and it stays close to the fp32 reference (bf16 rounding only).
 
 CPU: Triton interpreter; MoE blocks widened for the tiny shapes (`fast_moe`) so the interpreter runs few
-programs; the bits then differ from the default config's, but the same config serves every path.
+programs (tests/sglang_aligned_rig.py); the same config serves every path.
 """
 
 import pytest
 import torch
+from sglang_aligned_rig import FAST_TINY_MOE
 
 from microturn_kernels import moe_gemv
 from sglang_microturn.checkpoints import preset, write_checkpoint
@@ -23,8 +24,8 @@ def tiny_shared(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fast_moe(monkeypatch):
-    monkeypatch.setitem(moe_gemv._CONFIGS, (64, 32), moe_gemv.MoeGemvConfig(BLOCK_I=32, BLOCK_D=64, BLOCK_N=64,
-                                                                            BLOCK_K=32))
+    for key, config in FAST_TINY_MOE.items():
+        monkeypatch.setitem(moe_gemv._CONFIGS, key, config)
 
 
 def _ids(n=SEQ, seed=0):
