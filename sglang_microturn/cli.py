@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-model":
             return _make_model(args.out, args.preset)
         from sglang_microturn.demo import demo
-        from sglang_microturn.serve import NoCudaError, serve
+        from sglang_microturn.serve import AlignmentModeError, NoCudaError, serve
 
         try:
             if args.command == "demo":
                 return demo(args.sglang_args)
             serve(args.sglang_args)
-        except NoCudaError as e:
+        except (NoCudaError, AlignmentModeError) as e:
             print(f"sglang-microturn: {e}", file=sys.stderr)
             return EXIT_USAGE
         return 0  # not reached: serve() execs SGLang
