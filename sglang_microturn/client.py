@@ -139,6 +139,7 @@ class TurnRecord:
     sent: float
     done: float
     server: dict  # server timestamps (unix seconds): received, first_token, done
+    output_logprobs: list[float] | None = None  # the sampled tokens' logprobs, when appended with return_logprob
 
     @property
     def latency_ms(self) -> float:
@@ -176,7 +177,8 @@ class MicroTurnSession:
             reply = await self._conn.request("POST", "/microturn/append", body)
             done = time.monotonic()
         self.turns.append(TurnRecord(len(self.turns), list(input_ids), reply["output_ids"], reply["committed_length"],
-                                     sent if due is None else due, sent, done, reply["timestamps"]))
+                                     sent if due is None else due, sent, done, reply["timestamps"],
+                                     reply.get("output_logprobs")))
         return reply
 
     async def stream(self, chunks: Iterable[list[int]], output_budget: int | None = None) -> AsyncIterator[dict]:
