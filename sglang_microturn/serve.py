@@ -109,5 +109,9 @@ def serve(user_args: list[str]) -> None:
     model = None if has_flag(user_args, "--model-path") else str(ensure_default_checkpoint())
     argv = launch_argv(user_args, model)
     os.environ[ENV_ALIGNMENT] = "1" if aligned else "0"  # the scheduler processes inherit it
+    if aligned:
+        # Returned logprobs of sampled tokens = log_softmax of the untempered fp32 logits at any temperature
+        # (SGLang's sampler otherwise returns log(softmax(logits / T))): the op the trainer side computes.
+        os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
     print("[sglang-microturn] " + " ".join(argv[1:]), file=sys.stderr, flush=True)
     os.execv(argv[0], argv)
