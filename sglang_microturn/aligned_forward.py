@@ -9,7 +9,7 @@ dtype, so a token's logits depend on its own token history only: not on the batc
 prefill / extend / decode, or which side computed them. Imports torch and microturn_kernels only (no SGLang).
 
 Per layer (bf16 residual stream, T tokens; shapes in comments):
-  a = rms_norm(x) -> qkv = a @ W_qkv.T -> per-head rms_norm(q), rms_norm(k) -> RoPE (fp32 table) -> attend
+  a = rms_norm(x) -> qkv = a @ W_qkv.T -> per-head rms_norm + RoPE of q, k (fp32 table) -> attend
     -> x = x + out @ W_o.T
   m = rms_norm(x) -> route(m @ W_router.T in fp32) -> moe_gemv(m) [+ down(silu(gate) * up) shared expert]
     -> x = x + moe
@@ -26,9 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from microturn_kernels.batch_invariant import matmul, rms_norm, route
+from microturn_kernels.batch_invariant import matmul, norm_rope, rms_norm, route, silu_mul
 from microturn_kernels.moe_gemv import moe_gemv
 
 ENV_ALIGNMENT = "MICROTURN_ALIGNMENT"
@@ -101,36 +100,23 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @functools.lru_cache(maxsize=8)
 def rope_table(head_dim: int, theta: float, max_positions: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin fp32 [max_positions, hd / 2]: computed in float64 on the CPU, then moved, so its bits do not
-    depend on the device or on torch's vectorisation of the caller's batch."""
+    """cos, sin fp32 [max_positions, hd / 2], indexed by position inside `norm_rope`: computed in float64 on
+    the CPU, then moved, so its bits do not depend on the device or on torch's vectorisation."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style RoPE of x [T, heads, hd] with cos, sin [T, hd / 2]: fp32 elementwise, back to x.dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up [T, 2S] = [gate | up], in fp32, rounded once to gate_up's dtype."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(gate_up.dtype)
-
-
-def attention_block(shape: AlignedShape, lw: LayerWeights, layer: int, x: torch.Tensor, cos, sin,
+def attention_block(shape: AlignedShape, lw: LayerWeights, layer: int, x: torch.Tensor, positions, cos, sin,
                     attend: Attend) -> torch.Tensor:
-    """o_proj(attention(rms_norm(x))) for x [T, D]."""
+    """o_proj(attention(rms_norm(x))) for x [T, D] at positions [T]."""
     T = x.shape[0]
-    H, KV, hd = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    qkv = matmul(rms_norm(x, lw.input_norm, shape.rms_norm_eps), lw.qkv)  # [T, (H + 2 KV) hd]
-    q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
-    q = apply_rope(rms_norm(q.reshape(T, H, hd), lw.q_norm, shape.rms_norm_eps), cos, sin)  # [T, H, hd]
-    k = apply_rope(rms_norm(k.reshape(T, KV, hd), lw.k_norm, shape.rms_norm_eps), cos, sin)  # [T, KV, hd]
-    out = attend(layer, q, k, v.reshape(T, KV, hd).contiguous())
+    H, KV, hd, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rms_norm_eps
+    qkv = matmul(rms_norm(x, lw.input_norm, eps), lw.qkv)  # [T, (H + 2 KV) hd]
+    q = norm_rope(qkv, 0, H, lw.q_norm, positions, cos, sin, eps)  # [T, H, hd]
+    k = norm_rope(qkv, H * hd, KV, lw.k_norm, positions, cos, sin, eps)  # [T, KV, hd]
+    v = qkv[:, (H + KV) * hd:].view(T, KV, hd)  # [T, KV, hd] strided view; the KV cache write copies it
+    out = attend(layer, q, k, v)
     return matmul(out.reshape(T, H * hd).contiguous(), lw.o_proj)  # [T, D]
 
 
@@ -148,11 +134,10 @@ def forward_hidden(weights: AlignedWeights, ids: torch.Tensor, positions: torch.
                    attend: Attend) -> torch.Tensor:
     """Final-normed hidden states bf16 [T, D] of tokens ids [T] at positions [T]."""
     s = weights.shape
-    cos, sin = rope_table(s.head_dim, s.rope_theta, s.max_positions, str(ids.device))
-    cos, sin = cos[positions], sin[positions]  # [T, hd / 2]
+    cos, sin = rope_table(s.head_dim, s.rope_theta, s.max_positions, str(ids.device))  # [P, hd / 2]
     x = weights.embed[ids]  # [T, D]
     for i, lw in enumerate(weights.layers):
-        x = x + attention_block(s, lw, i, x, cos, sin, attend)
+        x = x + attention_block(s, lw, i, x, positions, cos, sin, attend)
         x = x + moe_block(s, lw, x)
     return rms_norm(x, weights.final_norm, s.rms_norm_eps)
 

@@ -12,6 +12,9 @@ fixes its reduction order from the weight shape and a constant config, never fro
   * `route(logits, top_k)`: one program per row: fp32 softmax over all experts, top-k by repeated arg-max
     (ties to the lowest expert id), renormalised in k order. The MoE weights themselves run through
     moe_gemv.py, which is batch-invariant the same way.
+  * `norm_rope(...)`: per-head RMSNorm then neox RoPE of one (token, head) row per program; `silu_mul`:
+    elementwise. Fused only to save launches (decode of a small model is launch-bound): one kernel where
+    torch would run about a dozen.
 
 Precision contract:
   * Bitwise: for the same inputs of a row, the same config, GPU architecture and Triton version, the row's
@@ -228,3 +231,87 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
                             BLOCK_E=triton.next_power_of_2(E), A=top_k, BLOCK_A=triton.next_power_of_2(top_k),
                             RENORMALIZE=renormalize)
     return weights, ids
+
+
+@triton.jit
+def _norm_rope_kernel(
+    X,  # [T, *] rows holding `heads` consecutive head vectors from column col0
+    Positions,  # [T] int
+    Cos,  # [P, HALF] fp32
+    Sin,  # [P, HALF] fp32
+    W,  # [HD] norm weight
+    Y,  # [T, heads, HD] contiguous, dtype of X
+    stride_xt,
+    col0,
+    eps,
+    HEADS: tl.constexpr,
+    HD: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HALF
+    src = X + t * stride_xt + col0 + h * HD
+    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HD + eps)
+    # The normed head is rounded to the activation dtype before RoPE, as an unfused norm would store it.
+    n1 = to_bf16(x1 * inv_rms * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)).to(tl.float32)
+    n2 = to_bf16(x2 * inv_rms * tl.load(W + HALF + offs, mask=mask, other=0.0).to(tl.float32)).to(tl.float32)
+    pos = tl.load(Positions + t).to(tl.int64)
+    c = tl.load(Cos + pos * HALF + offs, mask=mask, other=0.0)
+    s = tl.load(Sin + pos * HALF + offs, mask=mask, other=0.0)
+    dst = Y + (t * HEADS + h) * HD
+    tl.store(dst + offs, to_bf16(n1 * c - n2 * s), mask=mask)
+    tl.store(dst + HALF + offs, to_bf16(n2 * c + n1 * s), mask=mask)
+
+
+def norm_rope(x: torch.Tensor, col0: int, heads: int, weight: torch.Tensor, positions: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
+    """[T, heads, HD] bf16: RMSNorm (weight [HD], fp32 math, rounded to bf16) then neox RoPE (fp32, rounded
+    to bf16) of the `heads` head vectors of x [T, *] that start at column col0; cos, sin [P, HD / 2] fp32
+    tables indexed by positions [T]."""
+    HD = weight.shape[0]
+    T = x.shape[0]
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.stride(1) != 1 or col0 + heads * HD > x.shape[1]:
+        raise BatchInvariantInputError(
+            f"norm_rope wants bf16 x [T, >= {col0 + heads * HD}] with unit column stride, got {x.dtype}"
+            f" {tuple(x.shape)}")
+    if HD % 2 or cos.shape[1] != HD // 2 or sin.shape != cos.shape or cos.dtype != torch.float32:
+        raise BatchInvariantInputError(
+            f"norm_rope: head dim {HD} needs fp32 cos/sin tables [P, {HD // 2}], got {tuple(cos.shape)} {cos.dtype}")
+    if not (cos.is_contiguous() and sin.is_contiguous()) or positions.shape != (T,):
+        raise BatchInvariantInputError("norm_rope: cos/sin must be contiguous and positions [T]")
+    y = torch.empty((T, heads, HD), dtype=x.dtype, device=x.device)
+    if T:
+        _norm_rope_kernel[(T, heads)](x, positions, cos, sin, weight, y, x.stride(0), col0, float(eps), HEADS=heads,
+                                      HD=HD, HALF=HD // 2, BLOCK=triton.next_power_of_2(HD // 2))
+    return y
+
+
+@triton.jit
+def _silu_mul_kernel(GU, Y, stride_gt, S: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < S
+    g = tl.load(GU + t * stride_gt + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + t * stride_gt + S + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + t * S + offs, to_bf16(g / (1.0 + tl.exp(-g)) * u), mask=mask)
+
+
+SILU_MUL_BLOCK = 1024
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up [T, S] bf16 of gate_up [T, 2S] = [gate | up], fp32 math, rounded once."""
+    if gate_up.dtype != torch.bfloat16 or gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
+        raise BatchInvariantInputError(
+            f"silu_mul wants bf16 [T, 2S] with unit column stride, got {gate_up.dtype} {tuple(gate_up.shape)}")
+    T, S = gate_up.shape[0], gate_up.shape[1] // 2
+    y = torch.empty((T, S), dtype=gate_up.dtype, device=gate_up.device)
+    if T:
+        block = min(SILU_MUL_BLOCK, triton.next_power_of_2(S))
+        _silu_mul_kernel[(T, triton.cdiv(S, block))](gate_up, y, gate_up.stride(0), S=S, BLOCK=block)
+    return y

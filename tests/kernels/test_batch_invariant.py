@@ -1,4 +1,4 @@
-"""Batch-invariant matmul, RMSNorm and routing (microturn_kernels.batch_invariant): close to torch, and a row's
+"""Batch-invariant matmul, RMSNorm, routing, fused norm+RoPE and SiLU-mul (microturn_kernels.batch_invariant): close to torch, and a row's
 bits independent of the batch around it (`torch.equal`).
 
 CPU: Triton interpreter at small shapes; a small matmul config makes K loop over several chunks with a
@@ -14,8 +14,10 @@ from microturn_kernels.batch_invariant import (
     BatchInvariantInputError,
     MatmulConfig,
     matmul,
+    norm_rope,
     rms_norm,
     route,
+    silu_mul,
 )
 
 SMALL = MatmulConfig(block_m=16, block_n=16, block_k=16)
@@ -108,3 +110,37 @@ def test_route_breaks_ties_to_the_lowest_expert_and_checks_top_k():
     assert ids.tolist() == [[0, 1, 2]] * 2 and torch.allclose(w, torch.full((2, 3), 1 / 3))
     with pytest.raises(BatchInvariantInputError, match="top_k=7"):
         route(torch.zeros(2, 6), 7)
+
+
+def _rope_tables(P, half):
+    ang = torch.arange(P, dtype=torch.float64)[:, None] * (1e4 ** (-torch.arange(half, dtype=torch.float64) / half))
+    return ang.cos().float(), ang.sin().float()
+
+
+@pytest.mark.parametrize("HD,heads,col0", [(16, 4, 0), (16, 2, 64), (24, 3, 8)])
+def test_norm_rope_matches_torch_and_is_row_invariant(HD, heads, col0):
+    T = 7
+    x = _bf16(T, col0 + heads * HD + 16, seed=10, scale=2.0)
+    w = _bf16(HD, seed=11)
+    pos = torch.tensor([0, 5, 9, 3, 30, 31, 2])
+    cos, sin = _rope_tables(32, HD // 2)
+    got = norm_rope(x, col0, heads, w, pos, cos, sin, 1e-6)
+    h = x[:, col0:col0 + heads * HD].float().view(T, heads, HD)
+    normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).bfloat16().float()
+    x1, x2 = normed.chunk(2, -1)
+    c, s = cos[pos][:, None], sin[pos][:, None]
+    ref = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    _assert_bf16_close(got, ref)
+    assert torch.equal(norm_rope(x[4:5], col0, heads, w, pos[4:5], cos, sin, 1e-6)[0], got[4])
+    with pytest.raises(BatchInvariantInputError, match="norm_rope wants bf16"):
+        norm_rope(x, x.shape[1], heads, w, pos, cos, sin, 1e-6)
+
+
+def test_silu_mul_matches_torch_and_is_row_invariant():
+    gu = _bf16(5, 2 * 40, seed=12, scale=2.0)
+    g, u = gu.float().chunk(2, -1)
+    got = silu_mul(gu)
+    _assert_bf16_close(got, torch.nn.functional.silu(g) * u)
+    assert torch.equal(silu_mul(gu[2:3])[0], got[2])
+    with pytest.raises(BatchInvariantInputError, match=r"\[T, 2S\]"):
+        silu_mul(gu[:, :-1])
