@@ -56,3 +56,13 @@ def test_close_to_fp32_reference_and_checks_its_inputs(model, tiny_shared):
         score_aligned(model, ids, [10, 10])
     with pytest.raises(ValueError, match="bf16 weights only, found torch.float32"):
         score_aligned(load_reference(tiny_shared), ids)
+
+
+@pytest.mark.gpu
+def test_small_preset_on_gpu_bitwise_across_chunkings(tmp_path):
+    """The serve default's shapes with the compiled kernels (MICROTURN_GPU_TESTS=1 pytest -m gpu)."""
+    model = load_reference(write_checkpoint(tmp_path / "small", "small"), device="cuda", dtype=torch.bfloat16)
+    ids = _ids(600, seed=5)
+    one_shot = score_aligned(model, ids)
+    assert torch.equal(score_aligned(model, ids, [256, 16, 1, 1, 300, 26]), one_shot)
+    assert torch.equal(score_aligned(model, ids[:40], [1] * 40), one_shot[:39])

@@ -144,3 +144,16 @@ def test_silu_mul_matches_torch_and_is_row_invariant():
     assert torch.equal(silu_mul(gu[2:3])[0], got[2])
     with pytest.raises(BatchInvariantInputError, match=r"\[T, 2S\]"):
         silu_mul(gu[:, :-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(768, 512), (832, 512), (16, 512)])
+def test_matmul_row_invariance_compiled(N, K):
+    """The default config, compiled: a row's bits at M = 1 equal its bits inside M = 7, 33, 300."""
+    x, w = _bf16(300, K, seed=13).cuda(), _bf16(N, K, seed=14, scale=K**-0.5).cuda()
+    for out_dtype in (torch.bfloat16, torch.float32):
+        full = matmul(x, w, out_dtype)
+        _assert_bf16_close(full.float().cpu(), x.float().cpu() @ w.float().cpu().T)
+        for m in (1, 7, 33):
+            assert torch.equal(matmul(x[:m], w, out_dtype), full[:m])
+        assert torch.equal(matmul(x[299:], w, out_dtype)[0], full[299])
