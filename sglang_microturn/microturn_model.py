@@ -144,7 +144,7 @@ def check_alignment_setup(model: "MicroTurnForCausalLM") -> None:
             f"alignment mode runs on one GPU without quantization, got {sizes}, quant_config="
             f"{model.quant_config}; drop --tp/--pp/--ep/--quantization or --alignment-mode")
     _theta, scaling = get_rope_config(model.config)
-    if scaling and scaling.get("rope_type", "default") != "default":  # transformers 5 spells plain RoPE so
+    if scaling and scaling.get("rope_type", "default") != "default":  # transformers 5: plain RoPE is "default"
         raise AlignmentConfigError(f"alignment mode: rope_scaling {scaling} is not supported (plain RoPE only)")
 
 
@@ -165,6 +165,7 @@ class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
         self.attn_cp_rank = get_parallel().attn_cp_rank
         self.moe_dp_size = get_parallel().moe_dp_size
         self.alignment = aligned_forward.alignment_enabled()
+        self._aligned: aligned_forward.AlignedWeights | None = None  # built once the weights are loaded
         self.logits_processor = (AlignedLogitsProcessor if self.alignment else LogitsProcessor)(config)
         if self.alignment:
             check_alignment_setup(self)
@@ -202,8 +203,6 @@ class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
         if self._aligned is None:
             self._aligned = self.aligned_weights()
         return aligned_forward.forward_hidden(self._aligned, input_ids, positions, attend)
-
-    _aligned: aligned_forward.AlignedWeights | None = None  # built on first use, after weights are loaded
 
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):
