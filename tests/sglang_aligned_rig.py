@@ -3,13 +3,15 @@ mode, in a fresh process (see sglang_model_rig.py). Prints one JSON object of fi
 
     MICROTURN_ALIGNMENT=1 TRITON_INTERPRET=1 python tests/sglang_aligned_rig.py CHECKPOINT_DIR PORT
 
-The attention of both sides is the reference's contiguous-KV `aligned_extend` (the server's RadixAttention
-path needs a GPU): what this compares is everything else, SGLang's parameters as stacked by its loader
-through the shared forward and the AlignedLogitsProcessor's lm_head.
+The attention of both sides is the reference's contiguous-KV `aligned_extend` (the `microturn_aligned`
+backend needs a GPU): the model's own `forward` runs through its RadixAttention layers, which hand q/k/v to
+a stand-in backend that calls that attention. What this compares is everything else: SGLang's parameters as
+stacked by its loader, the forward glue, the shared aligned forward and the AlignedLogitsProcessor's lm_head.
 """
 
 import json
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -34,12 +36,29 @@ def main(ckpt: str, port: int) -> dict:
     with sglang_cpu_model(ckpt, port, torch.bfloat16) as (model, _):
         found = {"alignment": model.alignment, "logits_processor": type(model.logits_processor).__name__}
 
+        import sglang.srt.layers.radix_attention as radix_attention
+
+        class StandInBackend:  # what RadixAttention calls outside CUDA-graph capture
+            def __init__(self):
+                self.kv, self.calls = AlignedKVCache(ref.spec.num_layers), 0
+
+            def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+                self.calls += 1
+                return self.kv.attend(layer.layer_id, q, k, v)
+
+        # The logits step of SGLang's LogitsProcessor (pruning, buffers) needs a real ForwardBatch; keep its
+        # lm_head product, which is what alignment mode replaces.
+        model.logits_processor.forward = lambda input_ids, hidden, lm_head, fb: (
+            model.logits_processor._compute_lm_head(hidden, lm_head))
+        batch = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True))
+
         def server_logprobs(chunks):
-            kv, parts, start = AlignedKVCache(ref.spec.num_layers), [], 0
+            backend, parts, start = StandInBackend(), [], 0
+            radix_attention.get_attn_backend = lambda: backend
             for n in chunks:
-                hidden = model.aligned_hidden(ids[start:start + n], torch.arange(start, start + n), kv.attend)
-                parts.append(model.logits_processor._compute_lm_head(hidden, model.lm_head))
+                parts.append(model(ids[start:start + n], torch.arange(start, start + n), batch))
                 start += n
+            found.setdefault("attention_calls", []).append(backend.calls)
             return token_logprobs(torch.cat(parts), ids)
 
         for name, chunks in (("one_shot", [SEQ]), ("chunked", CHUNKS)):

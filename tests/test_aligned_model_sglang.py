@@ -1,5 +1,6 @@
-"""SGLang's MicroTurnForCausalLM in alignment mode gives bitwise the reference's aligned-mode logprobs on the
-tiny preset with a shared expert (CPU, Triton interpreter; tests/sglang_aligned_rig.py)."""
+"""SGLang's MicroTurnForCausalLM in alignment mode (its own `forward`, through RadixAttention) gives bitwise
+the reference's aligned-mode logprobs on the tiny preset with a shared expert, one-shot and in micro-turn
+chunks (CPU, Triton interpreter; tests/sglang_aligned_rig.py)."""
 
 import json
 import os
@@ -28,6 +29,7 @@ def rig(tmp_path_factory):
 
 def test_alignment_switch_reaches_the_model(rig):
     assert rig["alignment"] and rig["logits_processor"] == "AlignedLogitsProcessor"
+    assert rig["attention_calls"] == [2 * 1, 2 * 4]  # layers x forwards: attention went through RadixAttention
 
 
 @pytest.mark.parametrize("path", ["one_shot", "chunked"])
