@@ -24,10 +24,14 @@ MICROTURN_DEFAULTS: tuple[tuple[str, str | None, str], ...] = (
 
 
 ALIGNMENT_FLAG = "--alignment-mode"
-# (flag, value, why) added in alignment mode unless the user passed the flag with that same value.
-ALIGNMENT_FLAGS: tuple[tuple[str, str, str], ...] = (
+# (flag, value or None for a switch, why) added in alignment mode; a value flag given with another value is
+# refused.
+ALIGNMENT_FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("--attention-backend", "microturn_aligned", "attention bits independent of chunking, batch and path"),
     ("--dtype", "bfloat16", "the aligned kernels take bf16 weights"),
+    # SGLang's prefill graph backends split or torch.compile the model's forward around its own layer
+    # structure, which the aligned forward does not follow; decode CUDA graphs stay on.
+    ("--disable-prefill-cuda-graph", None, "prefill graphs are not verified with the aligned forward"),
 )
 # Flags alignment mode refuses, and why.
 ALIGNMENT_CONFLICTS = {
@@ -61,7 +65,9 @@ def alignment_args(user_args: list[str]) -> tuple[list[str], bool]:
             raise AlignmentModeError(f"{ALIGNMENT_FLAG} cannot run with {flag}: {why}; drop one of the two")
     for flag, value, why in ALIGNMENT_FLAGS:
         given = flag_value(args, flag)
-        if given is None:
+        if value is None:
+            args += [] if has_flag(args, flag) else [flag]
+        elif given is None:
             args += [flag, value]
         elif given != value:
             raise AlignmentModeError(f"{ALIGNMENT_FLAG} needs {flag} {value} ({why}), got {flag} {given}")

@@ -50,10 +50,11 @@ def test_alignment_mode_flag_becomes_sglang_flags():
     argv = launch_argv(args, "/m")
     assert argv[argv.index("--attention-backend") + 1] == "microturn_aligned"
     assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert argv.count("--disable-prefill-cuda-graph") == 1
     assert argv.count("--attention-backend") == 1
     assert alignment_args(["--port", "1"]) == (["--port", "1"], False)
-    assert alignment_args(["--alignment-mode", "--attention-backend=microturn_aligned"])[0].count(
-        "--attention-backend=microturn_aligned") == 1
+    args = alignment_args(["--alignment-mode", "--attention-backend=microturn_aligned", "--disable-prefill-cuda-graph"])[0]
+    assert args.count("--attention-backend=microturn_aligned") == 1 and args.count("--disable-prefill-cuda-graph") == 1
 
 
 @pytest.mark.parametrize("args,match", [
