@@ -9,9 +9,10 @@ SGLang process). With MICROTURN_ALIGNED_ATTENTION=triton, `--attention-backend t
 backend too (for tools that only know the name "triton"; SGLang's name-based gates then see "triton").
 The name is accepted by `--enable-deterministic-inference` and keeps the radix cache on.
 
-Knobs (environment, read when the backend is built; trainer and server must use the same first three):
+Knobs (environment, read when the backend is built; the trainer (reference_model.AlignedKVCache) reads the
+first three the same way, and they must match the server's):
   MICROTURN_ATTN_SPLIT (default 256): S, keys per left-aligned split.
-  MICROTURN_ATTN_BLOCK_N (default 64), MICROTURN_ATTN_BLOCK_M (default 64): inner tile shape.
+  MICROTURN_ATTN_BLOCK_N (default 64), MICROTURN_ATTN_BLOCK_M (default 16): inner tile shape.
   MICROTURN_ATTN_WORKSPACE_MB (default 512): cap on the fp32 split partials of one extend launch.
 
 Why S = 256 by default: it is SGLang's own deterministic decode split tile, so the partial buffers

@@ -139,6 +139,7 @@ class TurnRecord:
     sent: float
     done: float
     server: dict  # server timestamps (unix seconds): received, first_token, done
+    output_logprobs: list[float] | None = None  # the sampled tokens' logprobs, when appended with return_logprob
 
     @property
     def latency_ms(self) -> float:
@@ -176,7 +177,8 @@ class MicroTurnSession:
             reply = await self._conn.request("POST", "/microturn/append", body)
             done = time.monotonic()
         self.turns.append(TurnRecord(len(self.turns), list(input_ids), reply["output_ids"], reply["committed_length"],
-                                     sent if due is None else due, sent, done, reply["timestamps"]))
+                                     sent if due is None else due, sent, done, reply["timestamps"],
+                                     reply.get("output_logprobs")))
         return reply
 
     async def stream(self, chunks: Iterable[list[int]], output_budget: int | None = None) -> AsyncIterator[dict]:
@@ -203,6 +205,7 @@ class MicroTurnClient:
     def __init__(self, base_url: str = "http://127.0.0.1:30000", api_key: str | None = None, timeout_s: float = 60.0):
         self.base_url, self.api_key, self.timeout_s = base_url, api_key, timeout_s
         self._control = HTTPConnection(base_url, api_key, timeout_s)
+        self._control_lock = asyncio.Lock()  # one keep-alive connection: concurrent opens take turns on it
 
     async def open(self, output_budget: int = 8, stop_ids: Iterable[int] = (), idle_timeout: float | None = None,
                    temperature: float = 0.0, period_s: float = 0.2, ignore_eos: bool = False) -> MicroTurnSession:
@@ -210,7 +213,8 @@ class MicroTurnClient:
                 "ignore_eos": ignore_eos}
         if idle_timeout is not None:
             body["idle_timeout"] = idle_timeout
-        reply = await self._control.request("POST", "/microturn/open", body)
+        async with self._control_lock:
+            reply = await self._control.request("POST", "/microturn/open", body)
         return MicroTurnSession(self, reply["session_id"], period_s)
 
     def close(self) -> None:

@@ -7,6 +7,11 @@ Config: a Qwen3-MoE config.json (model_type "qwen3_moe") with `microturn_shared_
 Weights: HF Qwen3-MoE names plus `mlp.shared_expert.{gate,up,down}_proj`; `load_weights` refuses a
 checkpoint whose tensor names do not cover every parameter exactly (upstream silently skips unknown names).
 Not supported with a shared expert: DeepEP / other all-to-all MoE backends (ValueError at construction).
+
+Alignment mode (MICROTURN_ALIGNMENT=1, set by `sglang-microturn serve --alignment-mode`): `forward` runs
+`aligned_forward.forward_hidden` over this model's own parameters, RadixAttention (the `microturn_aligned`
+backend) and KV cache, and the logits come from `AlignedLogitsProcessor`; the trainer runs the same functions
+(reference_model.score_aligned). Single GPU only (no TP/PP/EP). docs/alignment.md.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from sglang.srt.models.qwen3_moe import (
 )
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix
+from sglang.srt.utils.hf_transformers_utils import get_rope_config
+
+from sglang_microturn import aligned_forward
+from sglang_microturn.aligned_forward import AlignmentConfigError
 
 
 class CheckpointMismatch(ValueError):
@@ -116,6 +125,29 @@ def check_names(checkpoint_names: Iterable[str], param_names: Iterable[str]) -> 
         )
 
 
+class AlignedLogitsProcessor(LogitsProcessor):
+    """SGLang's LogitsProcessor (pruning, input logprobs, logits buffers) with the lm_head product replaced by
+    the batch-invariant one of alignment mode (fp32 logits, as the trainer computes them)."""
+
+    def _compute_lm_head(self, hidden_states, lm_head, embedding_bias=None):
+        if embedding_bias is not None:
+            raise AlignmentConfigError("alignment mode: an lm_head embedding bias is not supported")
+        return aligned_forward.logits(lm_head.weight, hidden_states)
+
+
+def check_alignment_setup(model: "MicroTurnForCausalLM") -> None:
+    """Raise AlignmentConfigError unless this model can run alignment mode (one GPU, plain RoPE, no quant)."""
+    par = get_parallel()
+    sizes = {"tp": par.tp_size, "pp": par.pp_size, "moe_ep": par.moe_ep_size, "attn_cp": par.attn_cp_size}
+    if any(v != 1 for v in sizes.values()) or model.quant_config is not None:
+        raise AlignmentConfigError(
+            f"alignment mode runs on one GPU without quantization, got {sizes}, quant_config="
+            f"{model.quant_config}; drop --tp/--pp/--ep/--quantization or --alignment-mode")
+    _theta, scaling = get_rope_config(model.config)
+    if scaling and scaling.get("rope_type", "default") != "default":  # transformers 5: plain RoPE is "default"
+        raise AlignmentConfigError(f"alignment mode: rope_scaling {scaling} is not supported (plain RoPE only)")
+
+
 class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         # Qwen3MoeForCausalLM.__init__ with our model class (as upstream's MellumForCausalLM does).
@@ -128,11 +160,63 @@ class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
             config.vocab_size, config.hidden_size, quant_config=quant_config,
             prefix=add_prefix("lm_head", prefix), use_attn_tp_group=get_parallel().enable_dp_lm_head,
         )
-        self.logits_processor = LogitsProcessor(config)
         self.capture_aux_hidden_states = False
         self.attn_cp_size = get_parallel().attn_cp_size
         self.attn_cp_rank = get_parallel().attn_cp_rank
         self.moe_dp_size = get_parallel().moe_dp_size
+        self.alignment = aligned_forward.alignment_enabled()
+        self._aligned: aligned_forward.AlignedWeights | None = None  # built once the weights are loaded
+        self.logits_processor = (AlignedLogitsProcessor if self.alignment else LogitsProcessor)(config)
+        if self.alignment:
+            check_alignment_setup(self)
+
+    def aligned_weights(self) -> aligned_forward.AlignedWeights:
+        """This model's parameters, borrowed, in `aligned_forward`'s layout (tensors are SGLang's own, so
+        weight updates in place are seen)."""
+        cfg = self.config
+        attn0 = self.model.layers[0].self_attn
+        shape = aligned_forward.AlignedShape(
+            num_heads=attn0.num_heads, num_kv_heads=attn0.num_kv_heads, head_dim=attn0.head_dim,
+            rms_norm_eps=cfg.rms_norm_eps, rope_theta=float(attn0.rope_theta),
+            max_positions=cfg.max_position_embeddings, experts_per_token=cfg.num_experts_per_tok,
+            renormalize=bool(cfg.norm_topk_prob),
+        )  # fmt: skip
+        layers = []
+        for layer in self.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            shared = getattr(mlp, "shared_expert", None)
+            layers.append(aligned_forward.LayerWeights(
+                input_norm=layer.input_layernorm.weight, qkv=att.qkv_proj.weight, q_norm=att.q_norm.weight,
+                k_norm=att.k_norm.weight, o_proj=att.o_proj.weight, post_norm=layer.post_attention_layernorm.weight,
+                router=mlp.gate.weight, w13=mlp.experts.w13_weight, w2=mlp.experts.w2_weight,
+                shared_gate_up=None if shared is None else shared.gate_up_proj.weight,
+                shared_down=None if shared is None else shared.down_proj.weight,
+            ))  # fmt: skip
+        weights = aligned_forward.AlignedWeights(shape, self.model.embed_tokens.weight, tuple(layers),
+                                                 self.model.norm.weight, self.lm_head.weight)
+        weights.check()
+        return weights
+
+    def aligned_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       attend: aligned_forward.Attend) -> torch.Tensor:
+        """Alignment mode's final-normed hidden states [T, D]; `attend` is RadixAttention when serving."""
+        if self._aligned is None:
+            self._aligned = self.aligned_weights()
+        return aligned_forward.forward_hidden(self._aligned, input_ids, positions, attend)
+
+    @torch.no_grad()
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):
+        if not self.alignment:
+            return super().forward(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
+        if input_embeds is not None:
+            raise AlignmentConfigError("alignment mode takes token ids, not input_embeds")
+        layers = self.model.layers
+
+        def attend(i, q, k, v):
+            return layers[i].self_attn.attn(q, k, v, forward_batch)
+
+        hidden = self.aligned_hidden(input_ids, positions, attend)
+        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], is_mtp: bool = False):
         seen: list[str] = []
@@ -145,6 +229,12 @@ class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
         super().load_weights(recorded(), is_mtp=is_mtp)
         if self.pp_group.world_size == 1:  # with pipeline stages each rank holds only some parameters
             check_names(seen, (n for n, _ in self.named_parameters()))
+        if self.alignment:
+            # Build the weight view and the RoPE table now, on the weights' device: never first inside a
+            # CUDA-graph capture.
+            self._aligned = self.aligned_weights()
+            s = self._aligned.shape
+            aligned_forward.rope_table(s.head_dim, s.rope_theta, s.max_positions, str(self._aligned.embed.device))
 
 
 EntryClass = MicroTurnForCausalLM

@@ -11,6 +11,11 @@ GQA (query head h reads kv head h // (H / KV)); router softmax in fp32 over all 
 experts SiLU(gate) * up -> down; routed sum in fp32. In bf16 the residual stream is rounded to bf16 after
 every add, as SGLang's fused add-RMSNorm does.
 
+Aligned mode (`score_aligned`, `AlignedKVCache`): the same weights in bf16 through `aligned_forward`, the
+forward the server runs under `--alignment-mode`, with attention from microturn_kernels over a contiguous KV
+cache: the trainer side of trainer-sampler alignment (docs/alignment.md). Needs Triton (GPU, or the CPU
+interpreter with TRITON_INTERPRET=1).
+
 Glossary: B batch, T new tokens, P past (cached) tokens, D hidden, H query heads, KV kv heads, hd head dim,
 E experts, A active experts per token, I expert width, S shared-expert width, V vocab.
 """
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang_microturn import aligned_forward
 from sglang_microturn.checkpoints import ModelSpec, spec_from_hf_config
 
 
@@ -172,6 +178,30 @@ class MicroTurnReference(nn.Module):
         for layer in self.layers:
             layer.mlp.backend = backend
 
+    def aligned_weights(self) -> aligned_forward.AlignedWeights:
+        """This model's parameters in `aligned_forward`'s layout (q/k/v stacked as SGLang stacks them)."""
+        s = self.spec
+        shape = aligned_forward.AlignedShape(
+            num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, rms_norm_eps=s.rms_norm_eps,
+            rope_theta=s.rope_theta, max_positions=s.max_position_embeddings,
+            experts_per_token=s.experts_per_token, renormalize=True,
+        )  # fmt: skip
+        layers = []
+        for block in self.layers:
+            att, moe = block.self_attn, block.mlp
+            layers.append(aligned_forward.LayerWeights(
+                input_norm=block.input_layernorm,
+                qkv=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),
+                q_norm=att.q_norm, k_norm=att.k_norm, o_proj=att.o_proj.weight,
+                post_norm=block.post_attention_layernorm, router=moe.gate.weight, w13=moe.w13, w2=moe.w2,
+                shared_gate_up=None if moe.shared_gate_up is None else moe.shared_gate_up.weight,
+                shared_down=None if moe.shared_down is None else moe.shared_down.weight,
+            ))  # fmt: skip
+        weights = aligned_forward.AlignedWeights(shape, self.embed_tokens.weight, tuple(layers), self.norm,
+                                                 self.lm_head.weight)
+        weights.check()
+        return weights
+
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits fp32 [B, T, V] for ids [B, T] (or [T] -> [T, V]) at positions cache.length ... + T - 1.
@@ -241,3 +271,68 @@ def score(model: MicroTurnReference, ids, chunk: int | None = None) -> torch.Ten
         cache = KVCache.empty(model.spec.num_layers)
         logits = torch.cat([model(ids[i:i + chunk], cache) for i in range(0, len(ids), chunk)])
     return logits[:-1].log_softmax(-1).gather(-1, ids[1:, None])[:, 0]
+
+
+class AlignedKVCache:
+    """One sequence's keys and values per layer ([P, KV, hd] bf16, contiguous, position order) for aligned
+    mode, and the attention over them: `aligned_extend` with the server's AlignedAttentionConfig (from the
+    same MICROTURN_ATTN_* environment), so a token's attention bits match the server's."""
+
+    def __init__(self, num_layers: int):
+        from sglang_microturn.aligned_attention_backend import config_from_env
+
+        self.config = config_from_env()
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[0]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`aligned_forward.Attend`: appends k, v [T, KV, hd] to the layer's cache; returns [T, H, hd]."""
+        from microturn_kernels.aligned_attention import aligned_extend
+
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k]), torch.cat([self.v[layer], v])
+        self.k[layer], self.v[layer] = k, v  # [P + T, KV, hd]
+        T, total = q.shape[0], k.shape[0]
+        dev = q.device
+        out = torch.empty_like(q)  # [T, H, hd]
+        return aligned_extend(
+            q.contiguous(), k, v, out, torch.tensor([0, T], dtype=torch.int32, device=dev),
+            torch.tensor([0, total], dtype=torch.int32, device=dev),
+            torch.arange(total, dtype=torch.int32, device=dev), T, total,
+            sm_scale=q.shape[-1] ** -0.5, config=self.config,
+        )  # fmt: skip
+
+
+@torch.no_grad()
+def aligned_logits(weights: aligned_forward.AlignedWeights, ids: torch.Tensor, cache: AlignedKVCache) -> torch.Tensor:
+    """fp32 logits [T, V] of the sequence's next T tokens ids [T]; appends their K/V to `cache`."""
+    positions = torch.arange(cache.length, cache.length + len(ids), device=ids.device)
+    hidden = aligned_forward.forward_hidden(weights, ids, positions, cache.attend)
+    return aligned_forward.logits(weights.lm_head, hidden)
+
+
+@torch.no_grad()
+def score_aligned(model: MicroTurnReference, ids, chunks: list[int] | None = None) -> torch.Tensor:
+    """Aligned-mode logprobs fp32 [T - 1] (log p(ids[t] | ids[:t]), t = 1 .. T - 1) of a bf16 model, in one
+    forward (chunks=None) or in forwards of the given sizes over the KV cache; the bits do not depend on it."""
+    device = model.embed_tokens.weight.device
+    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    chunks = [len(ids)] if chunks is None else chunks
+    if sum(chunks) != len(ids) or min(chunks) < 1:
+        raise ValueError(f"chunks {chunks} must be positive and sum to the sequence length {len(ids)}")
+    weights, cache = model.aligned_weights(), AlignedKVCache(model.spec.num_layers)
+    parts, start = [], 0
+    for n in chunks:
+        parts.append(aligned_logits(weights, ids[start:start + n], cache))
+        start += n
+    return token_logprobs(torch.cat(parts), ids)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t = 1 .. T - 1 from fp32 logits [T, V]: torch.log_softmax on fp32 rows, the
+    op SGLang's sampler and input-logprob path apply to the logits it returns."""
+    return torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[1:, None])[:, 0]

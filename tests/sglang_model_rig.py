@@ -4,6 +4,7 @@ the parallel state it initializes never leaks into other tests. Prints one JSON 
     python tests/sglang_model_rig.py CHECKPOINT_DIR PORT
 """
 
+import contextlib
 import json
 import sys
 import types
@@ -11,7 +12,10 @@ import types
 import torch
 
 
-def main(ckpt: str, port: int) -> dict:
+@contextlib.contextmanager
+def sglang_cpu_model(ckpt: str, port: int, dtype: torch.dtype = torch.float32):
+    """Yields (MicroTurnForCausalLM built with `dtype` parameters and the checkpoint loaded, checkpoint
+    tensors) inside a gloo world of one; the model classes are registered first."""
     # The CPU branch of SGLang's RotaryEmbedding imports vllm's rope kernel at construction (never called here).
     vllm = types.ModuleType("vllm")
     ops = types.ModuleType("vllm._custom_ops")
@@ -25,14 +29,9 @@ def main(ckpt: str, port: int) -> dict:
     from transformers import AutoConfig
 
     from sglang_microturn import model_registry
-    from sglang_microturn.microturn_model import CheckpointMismatch, MicroTurnForCausalLM, sglang_param_name
-    from sglang_microturn.reference_model import load_reference
+    from sglang_microturn.microturn_model import MicroTurnForCausalLM
 
-    found = {"install": model_registry.install()}
-    from sglang.srt.models.registry import ModelRegistry
-
-    found["resolved"] = ModelRegistry.resolve_model_cls(["MicroTurnForCausalLM"])[0].__name__
-
+    model_registry.install()
     get_context().override_server_args().install()
     init_distributed_environment(world_size=1, rank=0, local_rank=0,
                                  distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
@@ -42,11 +41,29 @@ def main(ckpt: str, port: int) -> dict:
     zero = {k: 0 for k in ("world_rank", "tp_rank", "pp_rank", "moe_ep_rank", "moe_dp_rank", "moe_tp_rank",
                            "attn_tp_rank", "attn_cp_rank", "attn_dp_rank")}
     tensors = load_file(f"{ckpt}/model.safetensors")
-    ref = load_reference(ckpt, dtype=torch.float32)
     with get_parallel().override(**one, **zero):
-        model = MicroTurnForCausalLM(AutoConfig.from_pretrained(ckpt))
-        found["block_class"] = type(model.model.layers[0].mlp).__name__
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = MicroTurnForCausalLM(AutoConfig.from_pretrained(ckpt))
+        finally:
+            torch.set_default_dtype(default_dtype)
         model.load_weights(tensors.items())
+        yield model, tensors
+
+
+def main(ckpt: str, port: int) -> dict:
+    from sglang.srt.models.registry import ModelRegistry
+
+    from sglang_microturn import model_registry
+    from sglang_microturn.microturn_model import CheckpointMismatch, sglang_param_name
+    from sglang_microturn.reference_model import load_reference
+
+    ref = load_reference(ckpt, dtype=torch.float32)
+    with sglang_cpu_model(ckpt, port) as (model, tensors):
+        found = {"install": model_registry.install(),
+                 "resolved": ModelRegistry.resolve_model_cls(["MicroTurnForCausalLM"])[0].__name__,
+                 "block_class": type(model.model.layers[0].mlp).__name__}
         params = dict(model.named_parameters())
         # Every parameter equals the checkpoint tensors stacked the way the reference stacks them.
         order = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1, "down_proj": 0}

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from sglang_microturn.serve import MICROTURN_DEFAULTS, launch_argv
+from sglang_microturn.serve import MICROTURN_DEFAULTS, AlignmentModeError, alignment_args, launch_argv
 
 
 def test_defaults_and_default_model_are_added():
@@ -42,3 +42,33 @@ def test_serve_and_demo_without_cuda_exit_2_with_one_line(command, args):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["sglang-microturn: no CUDA GPU found: serving needs a CUDA GPU (SGLang cannot serve on CPU)"]
     assert proc.stdout == ""
+
+
+def test_alignment_mode_flag_becomes_sglang_flags():
+    args, aligned = alignment_args(["--alignment-mode", "--port", "31000"])
+    assert aligned and "--alignment-mode" not in args
+    argv = launch_argv(args, "/m")
+    assert argv[argv.index("--attention-backend") + 1] == "microturn_aligned"
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert argv.count("--disable-prefill-cuda-graph") == 1
+    assert argv.count("--attention-backend") == 1
+    assert alignment_args(["--port", "1"]) == (["--port", "1"], False)
+    args = alignment_args(["--alignment-mode", "--attention-backend=microturn_aligned", "--disable-prefill-cuda-graph"])[0]
+    assert args.count("--attention-backend=microturn_aligned") == 1 and args.count("--disable-prefill-cuda-graph") == 1
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--attention-backend", "triton"], "needs --attention-backend microturn_aligned .* got --attention-backend triton"),
+    (["--dtype=float16"], "needs --dtype bfloat16"),
+    (["--enable-deterministic-inference"], "cannot run with --enable-deterministic-inference: it swaps torch ops"),
+    (["--decode-attention-backend", "fa3"], "cannot run with --decode-attention-backend"),
+])
+def test_alignment_mode_refuses_contradicting_flags(args, match):
+    with pytest.raises(AlignmentModeError, match=match):
+        alignment_args(["--alignment-mode", *args])
+
+
+def test_serve_alignment_conflict_exits_2_with_the_reason():
+    proc = subprocess.run([sys.executable, "-m", "sglang_microturn.cli", "serve", "--alignment-mode",
+                           "--attention-backend", "fa3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs --attention-backend microturn_aligned" in proc.stderr

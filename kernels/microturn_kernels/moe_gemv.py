@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
+from microturn_kernels.rounding import to_bf16 as _to_bf16
+
 __all__ = [
     "MoeGemvConfig",
     "MoeGemvInputError",
@@ -120,15 +122,6 @@ def moe_gemv_config(hidden_size: int, intermediate_size: int) -> MoeGemvConfig:
         BLOCK_N=4,
         BLOCK_K=min(256, triton.next_power_of_2(intermediate_size)),
     )
-
-
-@triton.jit
-def _to_bf16(x):
-    # fp32 -> bf16, round to nearest even, done on the bits: the same on GPUs as `x.to(tl.bfloat16)` for
-    # finite values, and also under TRITON_INTERPRET=1, whose fp32 -> bf16 cast truncates (Triton 3.6).
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit

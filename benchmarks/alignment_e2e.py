@@ -1,0 +1,172 @@
+"""GPU check of issue 7: trainer-sampler alignment end to end, and what alignment mode costs.
+
+1. Alignment. `sglang-microturn serve --alignment-mode` (the small preset, the serve default) serves --sessions
+   concurrent micro-turn sessions of --turns turns each through the /microturn API (layout micro-turns as in
+   model_alignment_check.py: pad fill + input block with dMel audio / text + <|out|>, then out_budget = 16
+   generated tokens, greedy, ignore_eos so every turn samples its full budget, return_logprob). Every
+   session becomes an alignment record (sglang_microturn/alignment_record.py, saved under --log-dir/records)
+   and is re-scored the two ways `sglang-microturn align` does (sglang_microturn/align.py):
+     server     one prefill of the whole session on the same server (/generate, logprob_start_len 0)
+     reference  the PyTorch reference in aligned mode on this GPU, without SGLang (after the server stops)
+   Target: 0 mismatched tokens on both paths (bitwise equal logprobs).
+2. Overhead. The micro-turn workload of microturn_latency.py (16 random input ids + 8 generated per turn,
+   closed loop) on alignment mode and on the default mode (`sglang-microturn serve`, no flags): throughput at
+   --throughput-sessions sessions and p50 latency of one session. Target: within 5 %.
+
+Two server starts (~100 s each with --disable-prefill-cuda-graph --cuda-graph-max-bs-decode 64); about
+300-400 s in all on an H100 at the defaults.
+
+    python3 benchmarks/alignment_e2e.py --out benchmarks/results/alignment_e2e_h100.json --log-dir /tmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from microturn_latency import COMMON_FLAGS, run_ours  # noqa: E402
+from model_alignment_check import synthetic_turns  # noqa: E402
+from run_record import write_result  # noqa: E402
+from sglang_microturn.server_process import ServerProcess  # noqa: E402
+
+from sglang_microturn.align import PathReport, compare, reference_logprobs, server_logprobs  # noqa: E402
+from sglang_microturn.alignment_record import AlignmentRecord, record_from_turns, write_record  # noqa: E402
+from sglang_microturn.client import MicroTurnClient  # noqa: E402
+from sglang_microturn.layout import DEFAULT_LAYOUT  # noqa: E402
+
+OVERHEAD_TARGET = 0.05  # alignment mode within 5 % of the default mode
+
+
+async def collect_records(url: str, sessions: int, turns: int, model_path: str) -> list[AlignmentRecord]:
+    """Serve `sessions` concurrent layout sessions of `turns` micro-turns; one alignment record each."""
+    client = MicroTurnClient(url, timeout_s=300)
+    budget = DEFAULT_LAYOUT.spec.out_budget
+
+    async def one(i: int) -> AlignmentRecord:
+        session = await client.open(output_budget=budget, ignore_eos=True, temperature=0.0)
+        prev = None
+        for k, events in enumerate(synthetic_turns(turns, seed=i)):
+            reply = await session.append(DEFAULT_LAYOUT.append_ids(events, prev, turn=k), return_logprob=True)
+            prev = reply["output_ids"]
+        await session.close()
+        return record_from_turns(session.turns, model_path)
+
+    try:
+        return list(await asyncio.gather(*(one(i) for i in range(sessions))))
+    finally:
+        client.close()
+
+
+def aggregate(reports: list[PathReport]) -> dict:
+    """One path's reports over all sessions."""
+    return {
+        "compared": sum(r.compared for r in reports),
+        "mismatched": sum(r.mismatched for r in reports),
+        "max_abs_diff": max((r.max_abs_diff for r in reports), default=0.0),
+        "sessions_with_mismatches": sum(1 for r in reports if r.mismatched),
+        "first_mismatches": [m for r in reports for m in r.first_mismatches][:10],
+    }
+
+
+def overhead(default: dict, aligned: dict, sessions_key: str, single_key: str) -> dict:
+    """Throughput (turns/s over the many-session scenario) and 1-session p50, aligned relative to default."""
+    def turns_per_s(r):
+        return r["turns"] / r["wall_s"]
+
+    throughput_ratio = turns_per_s(aligned[sessions_key]) / turns_per_s(default[sessions_key])
+    p50_ratio = aligned[single_key]["p50_ms"] / default[single_key]["p50_ms"]
+    return {
+        "throughput_aligned_over_default": round(throughput_ratio, 3),
+        "p50_aligned_over_default": round(p50_ratio, 3),
+        "throughput_within_target": throughput_ratio >= 1 - OVERHEAD_TARGET,
+        "p50_within_target": p50_ratio <= 1 + OVERHEAD_TARGET,
+    }
+
+
+def measure_overhead(url: str, args) -> dict:
+    vocab = DEFAULT_LAYOUT.vocab.size
+    out = {}
+    for sessions, turns in ((1, args.latency_turns), (args.throughput_sessions, args.throughput_turns)):
+        out[f"{sessions}x{turns}"] = r = asyncio.run(run_ours(url, sessions, turns, vocab))
+        print(f"  {sessions:2d} x {turns:4d}: {r}", flush=True)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--log-dir", default="/tmp")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--sessions", type=int, default=8, help="concurrent sessions for the alignment check")
+    p.add_argument("--turns", type=int, default=200, help="micro-turns per session for the alignment check")
+    p.add_argument("--latency-turns", type=int, default=200, help="turns of the 1-session latency scenario")
+    p.add_argument("--throughput-sessions", type=int, default=32)
+    p.add_argument("--throughput-turns", type=int, default=50)
+    p.add_argument("--model-path", default=None, help="default: the serve default (small preset)")
+    p.add_argument("sglang_args", nargs="*", help="extra SGLang flags for both servers (after --)")
+    args = p.parse_args()
+
+    from sglang_microturn.default_model import ensure_default_checkpoint
+
+    exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH: pip install -e . first")
+    model_path = args.model_path or str(ensure_default_checkpoint())
+    url = f"http://127.0.0.1:{args.port}"
+    log_dir = Path(args.log_dir)
+    (log_dir / "records").mkdir(parents=True, exist_ok=True)
+    base = [exe, "serve", "--model-path", model_path, "--port", str(args.port), *COMMON_FLAGS, *args.sglang_args]
+    result: dict = {"model_path": model_path, "flags": COMMON_FLAGS + args.sglang_args,
+                    "sessions": args.sessions, "turns": args.turns}
+
+    print("alignment mode server", flush=True)
+    with ServerProcess([*base, "--alignment-mode"], args.port, str(log_dir / "server_aligned.log")) as server:
+        result["aligned_startup_s"] = round(server.startup_s, 1)
+        t0 = time.perf_counter()
+        records = asyncio.run(collect_records(url, args.sessions, args.turns, model_path))
+        result["collect_s"] = round(time.perf_counter() - t0, 1)
+        for i, rec in enumerate(records):
+            write_record(log_dir / "records" / f"session_{i}.json", rec)
+        result["sampled_tokens"] = sum(len(r.generated) for r in records)
+        result["sequence_tokens"] = [len(r.sequence) for r in records]
+        print(f"  {result['sampled_tokens']} sampled tokens in {result['collect_s']} s", flush=True)
+        t0 = time.perf_counter()
+        server_reports = [compare("server", r, server_logprobs(r, url)) for r in records]
+        result["server_rescore_s"] = round(time.perf_counter() - t0, 1)
+        result["overhead_aligned"] = measure_overhead(url, args)
+    result["aligned_clean_shutdown"] = server.shutdown.get("clean")
+
+    t0 = time.perf_counter()  # the GPU is free again: the trainer side
+    reference_reports = [compare("reference", r, reference_logprobs(r, model_path, "cuda")) for r in records]
+    result["reference_rescore_s"] = round(time.perf_counter() - t0, 1)
+    result["alignment"] = {"server": aggregate(server_reports), "reference": aggregate(reference_reports)}
+    for path, agg in result["alignment"].items():
+        print(f"  {path}: compared {agg['compared']} mismatched {agg['mismatched']} max |diff| "
+              f"{agg['max_abs_diff']:.3g}", flush=True)
+
+    print("default mode server", flush=True)
+    with ServerProcess(base, args.port, str(log_dir / "server_default.log")) as server:
+        result["default_startup_s"] = round(server.startup_s, 1)
+        result["overhead_default"] = measure_overhead(url, args)
+
+    result["overhead"] = overhead(result["overhead_default"], result["overhead_aligned"],
+                                  f"{args.throughput_sessions}x{args.throughput_turns}", f"1x{args.latency_turns}")
+    result["checks"] = {
+        "server_prefill_bitwise": result["alignment"]["server"]["mismatched"] == 0,
+        "reference_bitwise": result["alignment"]["reference"]["mismatched"] == 0,
+        "at_least_16000_sampled_tokens": result["sampled_tokens"] >= 16000,
+        "overhead_throughput_within_5pct": result["overhead"]["throughput_within_target"],
+        "overhead_p50_within_5pct": result["overhead"]["p50_within_target"],
+    }
+    write_result(args.out, result)
+    print("overhead:", result["overhead"])
+    print("checks:", result["checks"])
+    return 0 if result["checks"]["server_prefill_bitwise"] and result["checks"]["reference_bitwise"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

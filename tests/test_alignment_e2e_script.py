@@ -1,0 +1,36 @@
+"""benchmarks/alignment_e2e.py's pure-Python parts on CPU: session records collected through the real client
+and /microturn API over the stand-in tokenizer manager, and the report arithmetic."""
+
+import asyncio
+import os
+import sys
+
+from test_client import server  # noqa: F401  (fixture)
+
+from sglang_microturn.align import PathReport
+from sglang_microturn.layout import DEFAULT_LAYOUT
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import alignment_e2e as e2e  # noqa: E402
+
+
+def test_collect_records_rebuilds_every_session(server):  # noqa: F811
+    url, tm = server
+    records = asyncio.run(e2e.collect_records(url, sessions=2, turns=3, model_path="/m"))
+    budget = DEFAULT_LAYOUT.spec.out_budget
+    assert len(records) == 2 and all(r.model_path == "/m" for r in records)
+    for r in records:
+        assert len(r.generated) == 3 * budget and all(g.logprob == -1.0 for g in r.generated)
+        assert r.sequence[r.generated[0].position] == r.generated[0].token_id
+    assert sorted(tm.closed_lengths) == sorted(len(r.sequence) for r in records)
+
+
+def test_aggregate_and_overhead():
+    reports = [PathReport("server", 10, 0, 0.0), PathReport("server", 5, 2, 0.25, [{"position": 3}])]
+    agg = e2e.aggregate(reports)
+    assert (agg["compared"], agg["mismatched"], agg["max_abs_diff"], agg["sessions_with_mismatches"]) == (15, 2, 0.25, 1)
+    default = {"32x50": {"turns": 1600, "wall_s": 10.0}, "1x200": {"p50_ms": 20.0}}
+    aligned = {"32x50": {"turns": 1600, "wall_s": 10.4}, "1x200": {"p50_ms": 21.5}}
+    o = e2e.overhead(default, aligned, "32x50", "1x200")
+    assert o["throughput_aligned_over_default"] == round(10 / 10.4, 3) and o["throughput_within_target"]
+    assert o["p50_aligned_over_default"] == 1.075 and not o["p50_within_target"]
