@@ -58,7 +58,7 @@ class SessionDriver:
         self.acked: list[int] = []
         self.dropped: list[list[int]] = []  # chunks of appends whose response was never seen
         self.counts = {"appends": 0, "disconnects": 0, "dropped_turns_committed": 0, "concurrent": 0,
-                       "concurrent_rejected": 0, "resyncs": 0, "errors": 0}
+                       "concurrent_rejected": 0, "concurrent_met_late_drop": 0, "resyncs": 0, "errors": 0}
         self.errors: list[str] = []
 
     def fail(self, what: str) -> None:
@@ -131,11 +131,15 @@ class SessionDriver:
         with contextlib.suppress(BaseException):
             await task
         self.dropped.append(chunk)
-        for _ in range(500):  # let the server resolve the dropped turn (commit or roll back) if it got it
-            if not (await self.session.status())["in_flight"]:
-                break
-            await asyncio.sleep(0.01)
+        await self.settle()
         await self.resync()
+
+    async def settle(self) -> None:
+        """Let the server resolve an in-flight dropped turn (commit or roll back), if it has one."""
+        for _ in range(500):
+            if not (await self.session.status())["in_flight"]:
+                return
+            await asyncio.sleep(0.01)
 
     async def concurrent(self) -> None:
         """Two appends at once: one commits; the other gets 409 (in flight) or 412 (it saw the new length)."""
@@ -146,6 +150,13 @@ class SessionDriver:
                                        other.request("POST", "/microturn/append", self.body(second)),
                                        return_exceptions=True)
         other.close()
+        if all(isinstance(r, SessionBusyError) for r in results):
+            # Both met a dropped append that reached the server after our last look (legal: it runs, then
+            # commits or rolls back); wait it out, adopt it if it committed, and try the pair again.
+            self.counts["concurrent_met_late_drop"] += 1
+            await self.settle()
+            await self.resync()
+            return await self.concurrent()
         replies = [(c, r) for c, r in zip((first, second), results) if isinstance(r, dict)]
         rejected = [r for r in results if isinstance(r, (SessionBusyError, LengthMismatchError))]
         self.counts["concurrent_rejected"] += len(rejected)
