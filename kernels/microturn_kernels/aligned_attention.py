@@ -379,10 +379,14 @@ def aligned_extend(
         if chunk < 1:
             raise ValueError(f"workspace holds {part_o.shape[0]} partial rows, fewer than batch {B}")
     else:
-        per_offset = B * H * sp_max * (DV + 1) * 4
+        # Split slots rounded up to a multiple of 16: the partials' strides are kernel arguments that Triton
+        # specialises on divisibility by 16, so a growing session would otherwise trigger a new compile
+        # (~0.5 s, a stalled micro-turn) each time its split count crosses a multiple of 16.
+        sp_alloc = triton.cdiv(sp_max, 16) * 16
+        per_offset = B * H * sp_alloc * (DV + 1) * 4
         chunk = max(1, min(max_qo_len, workspace_bytes // per_offset))
-        part_o = torch.empty((B * chunk, H, sp_max, DV), dtype=torch.float32, device=q.device)
-        part_l = torch.empty((B * chunk, H, sp_max), dtype=torch.float32, device=q.device)
+        part_o = torch.empty((B * chunk, H, sp_alloc, DV), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((B * chunk, H, sp_alloc), dtype=torch.float32, device=q.device)
     tiles_per_req = triton.cdiv(chunk + tpt - 1, tpt)
     if num_split_programs is None:
         split_progs = _split_programs(B * tiles_per_req * KH, sp_max, q.device)
