@@ -53,6 +53,7 @@ qo_len = qo_indptr[b+1] - qo_indptr[b] keys).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -303,7 +304,13 @@ def _merge_splits_kernel(
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    # Cached: get_device_properties costs tens of microseconds of host time, paid on every eager extend.
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _split_programs(other_programs: int, sp_max: int, device: torch.device) -> int:
