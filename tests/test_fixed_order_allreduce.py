@@ -135,3 +135,23 @@ def test_sum_in_rank_order_refuses_integer_partials():
 def test_sum_in_rank_order_refuses_an_empty_stack():
     with pytest.raises(FixedOrderAllReduceError, match=r"\(0, 3\)"):
         sum_in_rank_order(torch.ones(0, 3))
+
+
+def test_row_parallel_split_changes_bits_against_one_device():
+    """The expected answer to "TP=1 vs TP=2 bitwise?" (docs/alignment.md, issue 8): no, in general. A
+    row-parallel projection at TP=2 reduces K in two halves, rounds each partial to bf16 (the aligned forward's
+    matmul output) and adds the two; TP=1 reduces all of K into one fp32 accumulator. The TP=2 result is still
+    batch-invariant, and one device can reproduce it by computing the shards' partials itself."""
+    from microturn_kernels.batch_invariant import matmul  # Triton interpreter on the CPU (tests/conftest.py)
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 256, generator=g).to(torch.bfloat16)  # [T, K]: o_proj's input, H hd = 256
+    w = (torch.randn(64, 256, generator=g) / 16).to(torch.bfloat16)  # [D, K]
+
+    def tp2(rows):  # rank r holds K columns [128 r, 128 (r + 1))
+        return sum_in_rank_order(torch.stack([matmul(rows[:, k:k + 128].contiguous(), w[:, k:k + 128].contiguous())
+                                              for k in (0, 128)]))
+
+    split = tp2(x)  # [T, D]
+    assert not torch.equal(split, matmul(x, w))
+    assert torch.equal(torch.cat([tp2(x[t:t + 1]) for t in range(x.shape[0])]), split)
