@@ -1,9 +1,11 @@
 """Fixed-order all-reduce (sum) for alignment mode at tensor parallelism > 1 (issue 8).
 
 Why: NCCL's all-reduce picks its algorithm (ring, tree, NVLS), protocol and channel count from the message
-size, and each choice adds an element's W partial sums in a different order. Floating-point addition is not
-associative, so a token's bits would depend on how many tokens shared its batch (decode vs prefill message
-sizes), which alignment mode must rule out. Here the reduction is split in two:
+size, and each choice adds an element's W partial sums in a different order; even within one ring, which rank
+starts a chunk's reduction depends on where the element falls in the message, and the chunk boundaries move
+with its size. Floating-point addition is not associative, so a token's bits would depend on how many tokens
+shared its batch (decode vs prefill message sizes), which alignment mode must rule out. Here the reduction is
+split in two:
 
   1. `all_gather_into_tensor`: every rank receives every rank's partial, [W, ...]. A gather only copies
      bytes, so its result does not depend on NCCL's algorithm, protocol, channels or the message size.
