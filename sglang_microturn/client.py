@@ -208,11 +208,14 @@ class MicroTurnClient:
         self._control_lock = asyncio.Lock()  # one keep-alive connection: concurrent opens take turns on it
 
     async def open(self, output_budget: int = 8, stop_ids: Iterable[int] = (), idle_timeout: float | None = None,
-                   temperature: float = 0.0, period_s: float = 0.2, ignore_eos: bool = False) -> MicroTurnSession:
+                   temperature: float = 0.0, period_s: float = 0.2, ignore_eos: bool = False,
+                   seed: int | None = None) -> MicroTurnSession:
         body = {"output_budget": output_budget, "stop_ids": list(stop_ids), "temperature": temperature,
                 "ignore_eos": ignore_eos}
         if idle_timeout is not None:
             body["idle_timeout"] = idle_timeout
+        if seed is not None:
+            body["seed"] = seed
         async with self._control_lock:
             reply = await self._control.request("POST", "/microturn/open", body)
         return MicroTurnSession(self, reply["session_id"], period_s)

@@ -1,6 +1,7 @@
 """The /microturn HTTP API, served by SGLang's own FastAPI app in the HTTP server process.
 
-    POST /microturn/open                {output_budget?, stop_ids?, idle_timeout?, temperature?, ignore_eos?}
+    POST /microturn/open                {output_budget?, stop_ids?, idle_timeout?, temperature?, ignore_eos?,
+                                         seed?}
                                         -> {session_id}
     POST /microturn/append              {session_id, input_ids, output_budget?, return_logprob?, expected_length?}
                                         -> {output_ids, committed_length, finish_reason, timestamps, ...}
@@ -130,7 +131,10 @@ def parse_open(body: dict, vocab_size: int) -> SessionOptions:
         idle_timeout_s=_field(body, "idle_timeout", (int, float)),
         temperature=float(_non_negative(_field(body, "temperature", (int, float), default=0.0), "temperature")),
         ignore_eos=_field(body, "ignore_eos", bool, default=False),
+        seed=_non_negative(_field(body, "seed", int), "seed"),
     )
+    if options.seed is not None and options.seed >= 1 << 63:
+        raise BadRequest(f"field 'seed' must be < 2**63 (SGLang keeps seeds as int64), got {options.seed}")
     if options.idle_timeout_s is not None and options.idle_timeout_s <= 0:
         raise BadRequest(f"field 'idle_timeout' must be > 0 seconds, got {options.idle_timeout_s}")
     bad = next((t for t in options.stop_ids if not 0 <= t < vocab_size), None)
@@ -258,6 +262,7 @@ class MicroTurnAPI:
                 "skip_special_tokens": False,
                 "no_stop_trim": True,  # a stop id the model emitted is part of the sequence: return it
                 "ignore_eos": opts.ignore_eos,
+                "sampling_seed": opts.seed,
             },
             return_logprob=return_logprob,
             # Not streamed: a streamed request makes the scheduler send every decode step's token through the

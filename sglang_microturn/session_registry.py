@@ -66,6 +66,9 @@ class SessionOptions:
     idle_timeout_s: float | None = None
     temperature: float = 0.0
     ignore_eos: bool = False  # generate the whole output budget even past the model's EOS (benchmarks)
+    # Sampling seed (temperature > 0): the sampled token depends only on (seed, position, probabilities), so
+    # a seeded session replays the same tokens whatever it shares batches with (SGLang patch 0005).
+    seed: int | None = None
 
 
 @dataclass

@@ -45,6 +45,7 @@ class FakeTokenizerManager:
 
     async def generate_request(self, obj, request):
         sid = obj.session_params["id"]
+        self.last_sampling_params = obj.sampling_params
         n_out = obj.sampling_params["max_new_tokens"]
         obj.scheduled_at = time.time()
         if sid not in self.lengths:
@@ -130,6 +131,21 @@ def test_appends_build_the_committed_sequence(client, tm):
     s = state(client, sid)
     assert s["tokens"] == [5, 6, 7, 8, 0, 7, 14, 9] and s["length"] == 8 == tm.lengths[sid]
     assert s["state"] == "open" and s["appends"] == 2 and not s["in_flight"]
+
+
+def test_seed_reaches_every_turn_of_the_session(client, tm):
+    sid = open_session(client, temperature=0.8, seed=7)
+    assert append(client, sid, [5]).status_code == 200
+    assert tm.last_sampling_params["sampling_seed"] == 7 and tm.last_sampling_params["temperature"] == 0.8
+    unseeded = open_session(client)
+    assert append(client, unseeded, [5]).status_code == 200
+    assert tm.last_sampling_params["sampling_seed"] is None
+
+
+@pytest.mark.parametrize("seed", [-1, 1 << 63, "7"])
+def test_bad_seed_is_refused(client, seed):
+    r = client.post("/microturn/open", json={"seed": seed})
+    assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
 
 
 def test_logprobs_on_request(client):
