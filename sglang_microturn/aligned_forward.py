@@ -8,14 +8,25 @@ batch-invariant Triton kernel (microturn_kernels.batch_invariant, moe_gemv) or e
 dtype, so a token's logits depend on its own token history only: not on the batch, the chunking into
 prefill / extend / decode, or which side computed them. Imports torch and microturn_kernels only (no SGLang).
 
-Per layer (bf16 residual stream, T tokens; shapes in comments):
+Forward (bf16 residual stream, T tokens; shapes in comments):
+  x = reduce(embedding rows of this rank's vocab range), then per layer:
   a = rms_norm(x) -> qkv = a @ W_qkv.T -> per-head rms_norm + RoPE of q, k (fp32 table) -> attend
-    -> x = x + out @ W_o.T
+    -> x = x + reduce(out @ W_o.T)
   m = rms_norm(x) -> route(m @ W_router.T in fp32) -> moe_gemv(m) [+ down(silu(gate) * up) shared expert]
-    -> x = x + moe
-  logits = rms_norm(x) @ W_lm_head.T in fp32; logprobs = torch.log_softmax(logits fp32) (SGLang's sampler op)
+    -> x = x + reduce(moe)
+  logits = rms_norm(x) @ W_lm_head.T in fp32 (a rank's vocab rows; the caller gathers them);
+  logprobs = torch.log_softmax(logits fp32) (SGLang's sampler op)
 
-Glossary: T tokens, D hidden, H query heads, KV kv heads, hd head dim, E experts, A active experts, V vocab.
+Tensor parallelism (docs/alignment.md, "Tensor parallelism"): a rank holds SGLang's shard of every weight
+(its query / kv heads, its columns of o_proj, its slice of every expert's and the shared expert's width, its
+vocab rows) and computes its partial of each row-parallel product with the same kernels; `reduce` sums the
+partials over the ranks at the three points marked above. `forward_hidden` runs the ranks this process
+computes (`RankForward`): one on a server rank or at TP = 1, all W when one device reproduces a TP = W run
+(reference_model.score_aligned(tp=W)). Everything between two reductions is per rank; norms, router and
+residual adds are replicated and see the same bits on every rank.
+
+Glossary: W tensor-parallel ranks, T tokens, D hidden, H query heads, KV kv heads, hd head dim, E experts,
+A active experts, V vocab.
 """
 
 from __future__ import annotations
@@ -76,11 +87,14 @@ class LayerWeights:
 
 @dataclass(frozen=True)
 class AlignedWeights:
+    """One rank's weights (the whole model at TP = 1); `shape` counts this rank's heads."""
+
     shape: AlignedShape
-    embed: torch.Tensor  # [V, D]
+    embed: torch.Tensor  # [V / W, D]: vocab rows [vocab_start, vocab_start + V / W)
     layers: tuple[LayerWeights, ...]
     final_norm: torch.Tensor  # [D]
-    lm_head: torch.Tensor  # [V, D]
+    lm_head: torch.Tensor  # [V / W, D], the same vocab rows as embed
+    vocab_start: int = 0
 
     def check(self) -> None:
         tensors = [self.embed, self.final_norm, self.lm_head]
@@ -97,6 +111,25 @@ class AlignedWeights:
 # must append k, v to the sequence's KV and run microturn_kernels.aligned_attention over it.
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# The tensor-parallel sum at a row-parallel point: the partials [T, D] of the ranks this process computes, in
+# rank order -> their sum over all W ranks [T, D], bitwise the same on every rank and for any T
+# (fixed_order_allreduce). At TP = 1 it is `single_rank`.
+Reduce = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def single_rank(partials: list[torch.Tensor]) -> torch.Tensor:
+    """`Reduce` at TP = 1: the one rank's partial already is the sum."""
+    (partial,) = partials
+    return partial
+
+
+@dataclass(frozen=True)
+class RankForward:
+    """What one rank's forward needs: its weights and the attention over its heads' KV cache."""
+
+    weights: AlignedWeights
+    attend: Attend
+
 
 @functools.lru_cache(maxsize=8)
 def rope_table(head_dim: int, theta: float, max_positions: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +142,8 @@ def rope_table(head_dim: int, theta: float, max_positions: int, device: str) -> 
 
 def attention_block(shape: AlignedShape, lw: LayerWeights, layer: int, x: torch.Tensor, positions, cos, sin,
                     attend: Attend) -> torch.Tensor:
-    """o_proj(attention(rms_norm(x))) for x [T, D] at positions [T]."""
+    """o_proj(attention(rms_norm(x))) for x [T, D] at positions [T]; at TP > 1 this rank's partial (its
+    heads through its columns of o_proj)."""
     T = x.shape[0]
     H, KV, hd, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rms_norm_eps
     qkv = matmul(rms_norm(x, lw.input_norm, eps), lw.qkv)  # [T, (H + 2 KV) hd]
@@ -121,7 +155,9 @@ def attention_block(shape: AlignedShape, lw: LayerWeights, layer: int, x: torch.
 
 
 def moe_block(shape: AlignedShape, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    """Routed experts (+ shared expert) of rms_norm(x) for x [T, D]."""
+    """Routed experts (+ shared expert) of rms_norm(x) for x [T, D]; at TP > 1 this rank's partial (its
+    slice of every expert's and the shared expert's width), routed + shared added per rank before the
+    reduction as SGLang's MicroTurnSparseMoeBlock does."""
     m = rms_norm(x, lw.post_norm, shape.rms_norm_eps)
     weights, ids = route(matmul(m, lw.router, torch.float32), shape.experts_per_token, shape.renormalize)
     out = moe_gemv(m, lw.w13, lw.w2, weights, ids)  # [T, D] bf16
@@ -130,16 +166,28 @@ def moe_block(shape: AlignedShape, lw: LayerWeights, x: torch.Tensor) -> torch.T
     return out
 
 
-def forward_hidden(weights: AlignedWeights, ids: torch.Tensor, positions: torch.Tensor,
-                   attend: Attend) -> torch.Tensor:
-    """Final-normed hidden states bf16 [T, D] of tokens ids [T] at positions [T]."""
-    s = weights.shape
+def embed_block(weights: AlignedWeights, ids: torch.Tensor) -> torch.Tensor:
+    """Embedding rows [T, D] of the ids in this rank's vocab range, zeros for the others (SGLang's
+    VocabParallelEmbedding): one rank holds each id, so the sum over ranks is that row."""
+    table = weights.embed
+    local = ids - weights.vocab_start  # [T]
+    mine = (local >= 0) & (local < table.shape[0])
+    return torch.where(mine[:, None], table[local.clamp(0, table.shape[0] - 1)], 0)
+
+
+def forward_hidden(ranks: list[RankForward], ids: torch.Tensor, positions: torch.Tensor,
+                   reduce: Reduce = single_rank) -> torch.Tensor:
+    """Final-normed hidden states bf16 [T, D] of tokens ids [T] at positions [T], computed by `ranks` (one
+    rank, or every rank of a simulated TP = W run, in rank order); `reduce` sums their partials over all
+    ranks. The residual stream x is replicated: every rank adds the same reduced bits to it."""
+    s = ranks[0].weights.shape
     cos, sin = rope_table(s.head_dim, s.rope_theta, s.max_positions, str(ids.device))  # [P, hd / 2]
-    x = weights.embed[ids]  # [T, D]
-    for i, lw in enumerate(weights.layers):
-        x = x + attention_block(s, lw, i, x, positions, cos, sin, attend)
-        x = x + moe_block(s, lw, x)
-    return rms_norm(x, weights.final_norm, s.rms_norm_eps)
+    x = reduce([embed_block(r.weights, ids) for r in ranks])  # [T, D]
+    for i in range(len(ranks[0].weights.layers)):
+        x = x + reduce([attention_block(r.weights.shape, r.weights.layers[i], i, x, positions, cos, sin, r.attend)
+                        for r in ranks])
+        x = x + reduce([moe_block(r.weights.shape, r.weights.layers[i], x) for r in ranks])
+    return rms_norm(x, ranks[0].weights.final_norm, s.rms_norm_eps)
 
 
 def logits(lm_head: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

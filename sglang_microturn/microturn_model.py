@@ -202,7 +202,9 @@ class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
         """Alignment mode's final-normed hidden states [T, D]; `attend` is RadixAttention when serving."""
         if self._aligned is None:
             self._aligned = self.aligned_weights()
-        return aligned_forward.forward_hidden(self._aligned, input_ids, positions, attend)
+        # One GPU (check_alignment_setup): this process computes the only rank, so no reduction.
+        return aligned_forward.forward_hidden([aligned_forward.RankForward(self._aligned, attend)], input_ids,
+                                              positions)
 
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):

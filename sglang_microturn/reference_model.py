@@ -14,7 +14,8 @@ every add, as SGLang's fused add-RMSNorm does.
 Aligned mode (`score_aligned`, `AlignedKVCache`): the same weights in bf16 through `aligned_forward`, the
 forward the server runs under `--alignment-mode`, with attention from microturn_kernels over a contiguous KV
 cache: the trainer side of trainer-sampler alignment (docs/alignment.md). Needs Triton (GPU, or the CPU
-interpreter with TRITON_INTERPRET=1).
+interpreter with TRITON_INTERPRET=1). `score_aligned(..., tp=W)` reproduces a tensor-parallel server's bits
+on one device (every rank's shard in turn, partials summed in rank order).
 
 Glossary: B batch, T new tokens, P past (cached) tokens, D hidden, H query heads, KV kv heads, hd head dim,
 E experts, A active experts per token, I expert width, S shared-expert width, V vocab.
@@ -32,6 +33,8 @@ from torch import nn
 
 from sglang_microturn import aligned_forward
 from sglang_microturn.checkpoints import ModelSpec, spec_from_hf_config
+from sglang_microturn.fixed_order_allreduce import sum_in_rank_order
+from sglang_microturn.tensor_parallel_shards import shard_weights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -307,27 +310,44 @@ class AlignedKVCache:
         )  # fmt: skip
 
 
-@torch.no_grad()
-def aligned_logits(weights: aligned_forward.AlignedWeights, ids: torch.Tensor, cache: AlignedKVCache) -> torch.Tensor:
-    """fp32 logits [T, V] of the sequence's next T tokens ids [T]; appends their K/V to `cache`."""
-    positions = torch.arange(cache.length, cache.length + len(ids), device=ids.device)
-    hidden = aligned_forward.forward_hidden(weights, ids, positions, cache.attend)
-    return aligned_forward.logits(weights.lm_head, hidden)
+def sum_of_simulated_ranks(partials: list[torch.Tensor]) -> torch.Tensor:
+    """`aligned_forward.Reduce` when this device computes every rank: the fixed-order all-reduce's sum
+    (rank order, fp32, one rounding), so the bits are a TP = W server's. At W = 1 it returns the partial
+    unchanged (bf16 -> fp32 -> bf16 is exact)."""
+    return sum_in_rank_order(torch.stack(partials))
 
 
 @torch.no_grad()
-def score_aligned(model: MicroTurnReference, ids, chunks: list[int] | None = None) -> torch.Tensor:
+def aligned_logits(ranks: list[aligned_forward.AlignedWeights], ids: torch.Tensor,
+                   caches: list[AlignedKVCache]) -> torch.Tensor:
+    """fp32 logits [T, V] of the sequence's next T tokens ids [T], computed by every rank of `ranks` (one
+    rank's weights each, in rank order; one whole model at TP = 1); appends their K/V to each rank's cache."""
+    positions = torch.arange(caches[0].length, caches[0].length + len(ids), device=ids.device)
+    hidden = aligned_forward.forward_hidden(
+        [aligned_forward.RankForward(w, c.attend) for w, c in zip(ranks, caches)], ids, positions,
+        sum_of_simulated_ranks)  # fmt: skip
+    # Each logit is one rank's full-D dot product: concatenating the ranks' rows is SGLang's all-gather.
+    return torch.cat([aligned_forward.logits(w.lm_head, hidden) for w in ranks], dim=-1)
+
+
+@torch.no_grad()
+def score_aligned(model: MicroTurnReference, ids, chunks: list[int] | None = None, tp: int = 1) -> torch.Tensor:
     """Aligned-mode logprobs fp32 [T - 1] (log p(ids[t] | ids[:t]), t = 1 .. T - 1) of a bf16 model, in one
-    forward (chunks=None) or in forwards of the given sizes over the KV cache; the bits do not depend on it."""
+    forward (chunks=None) or in forwards of the given sizes over the KV cache; the bits do not depend on it.
+    `tp` = W reproduces a server at tensor parallelism W on this one device: every rank's shard
+    (tensor_parallel_shards) computes its partials, summed in rank order as the server's fixed-order
+    all-reduce sums them. TP = W and TP = 1 bits differ in general (docs/alignment.md)."""
     device = model.embed_tokens.weight.device
     ids = torch.as_tensor(ids, dtype=torch.long, device=device)
     chunks = [len(ids)] if chunks is None else chunks
     if sum(chunks) != len(ids) or min(chunks) < 1:
         raise ValueError(f"chunks {chunks} must be positive and sum to the sequence length {len(ids)}")
-    weights, cache = model.aligned_weights(), AlignedKVCache(model.spec.num_layers)
+    weights = model.aligned_weights()
+    ranks = [shard_weights(weights, r, tp) for r in range(tp)]
+    caches = [AlignedKVCache(model.spec.num_layers) for _ in ranks]
     parts, start = [], 0
     for n in chunks:
-        parts.append(aligned_logits(weights, ids[start:start + n], cache))
+        parts.append(aligned_logits(ranks, ids[start:start + n], caches))
         start += n
     return token_logprobs(torch.cat(parts), ids)
 
