@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sglang_microturn.fixed_order_allreduce import fixed_order_all_reduce
+from sglang_microturn.server_process import free_port
 
 NCCL_ENV = ("NCCL_ALGO", "NCCL_PROTO", "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS", "NCCL_NVLS_ENABLE")
 
@@ -103,11 +103,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run(args: argparse.Namespace) -> dict:
     nvls = os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # set before the workers start: they inherit it
@@ -116,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
                                " unset it or set NCCL_NVLS_ENABLE=0")
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = f"{tmp}/rows.json"
-        mp.spawn(_worker, args=(args.world, _free_port(), args, rows_file), nprocs=args.world, join=True)
+        mp.spawn(_worker, args=(args.world, free_port(), args, rows_file), nprocs=args.world, join=True)
         rows = json.loads(Path(rows_file).read_text())
     return {
         "backend": args.backend,

@@ -10,7 +10,6 @@
 The shard layout itself (SGLang's cuts, kv-head replication when KV < W, refusals) is checked without a forward.
 """
 
-import socket
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from sglang_microturn.checkpoints import preset, write_checkpoint
 from sglang_microturn.fixed_order_allreduce import fixed_order_all_reduce
 from sglang_microturn.reference_model import AlignedKVCache, load_reference, score, score_aligned, token_logprobs
 from sglang_microturn.tensor_parallel_shards import ShardingError, shard_weights
+from sglang_microturn.server_process import free_port
 
 SEQ = 24
 CHUNKINGS = {"one_shot": [SEQ], "chunked": [7, 1, 1, 15]}
@@ -95,14 +95,9 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_equal_the_one_device_reference(ckpt, tmp_path, tp2_one_shot):
-    mp.spawn(_worker, args=(2, _free_port(), str(ckpt), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(ckpt), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         for name, got in torch.load(tmp_path / f"rank{rank}.pt").items():
             assert torch.equal(got, tp2_one_shot), f"rank {rank}, {name}"

@@ -7,7 +7,6 @@ One spawn per world size (module fixture) runs every scenario and saves each ran
 them here. Rank r's partials are regenerated here from the same seeds.
 """
 
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from sglang_microturn.fixed_order_allreduce import (
     fixed_order_all_reduce,
     sum_in_rank_order,
 )
+from sglang_microturn.server_process import free_port
 
 M, D = 37, 96  # rows (tokens) and width of the batch; 37 is prime, so no split below is uniform
 SPLITS = (1, 16, 20)  # token counts of the chunked calls, summing to M
@@ -58,18 +58,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def run(request, tmp_path_factory):
     """(world, [rank 0 results, rank 1 results, ...])."""
     world = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
-    mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
     return world, [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
