@@ -4,29 +4,23 @@ stop the server. Extra arguments go to SGLang, as with `serve`."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from sglang_microturn.serve import has_flag, require_cuda
-from sglang_microturn.server_process import ServerDied, ServerProcess
+from sglang_microturn.server_process import ServerDied, ServerProcess, free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "duplex_chat.py"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo(sglang_args: list[str]) -> int:
     require_cuda()
     if not EXAMPLE.is_file():
         raise FileNotFoundError(f"{EXAMPLE} not found: `demo` runs from a source checkout of sglang-microturn")
-    port = None if has_flag(sglang_args, "--port") else _free_port()
+    port = None if has_flag(sglang_args, "--port") else free_port()
     args = list(sglang_args) + (["--port", str(port)] if port else [])
     port = port or int(args[args.index("--port") + 1])
     exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH")

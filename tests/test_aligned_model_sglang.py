@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from test_microturn_model_sglang import _free_port
 
 from sglang_microturn.checkpoints import preset, write_checkpoint
+from sglang_microturn.server_process import free_port
 
 RIG = os.path.join(os.path.dirname(__file__), "sglang_aligned_rig.py")
 
@@ -20,7 +20,7 @@ def rig(tmp_path_factory):
     ckpt = write_checkpoint(tmp_path_factory.mktemp("sgl") / "tiny_shared", preset("tiny", shared_expert_width=24))
     env = {**os.environ, "MICROTURN_ALIGNMENT": "1", "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])}
-    proc = subprocess.run([sys.executable, RIG, str(ckpt), str(_free_port())], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, RIG, str(ckpt), str(free_port())], capture_output=True, text=True,
                           timeout=600, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RIG ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ The shard layout itself (SGLang's cuts, kv-head replication when KV < W, refusal
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_gloo_ranks
 from sglang_aligned_rig import FAST_TINY_MOE
 
 from microturn_kernels import moe_gemv
@@ -24,7 +24,6 @@ from sglang_microturn.checkpoints import preset, write_checkpoint
 from sglang_microturn.fixed_order_allreduce import fixed_order_all_reduce
 from sglang_microturn.reference_model import AlignedKVCache, load_reference, score, score_aligned, token_logprobs
 from sglang_microturn.tensor_parallel_shards import ShardingError, shard_weights
-from sglang_microturn.server_process import free_port
 
 SEQ = 24
 CHUNKINGS = {"one_shot": [SEQ], "chunked": [7, 1, 1, 15]}
@@ -82,22 +81,16 @@ def _served_logprobs(shard, world: int, chunks: list[int]) -> torch.Tensor:
     return token_logprobs(torch.cat(parts), ids)
 
 
-def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, ckpt: str, out_dir: str) -> None:
     moe_gemv._CONFIGS.update(FAST_MOE)  # spawned: the test's monkeypatch does not reach this process
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        # Only the shard is kept: the whole model is dropped once cut, as SGLang's loader keeps one rank's slices.
-        shard = shard_weights(load_reference(ckpt, dtype=torch.bfloat16).aligned_weights(), rank, world)
-        torch.save({name: _served_logprobs(shard, world, chunks) for name, chunks in CHUNKINGS.items()},
-                   f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
+    # Only the shard is kept: the whole model is dropped once cut, as SGLang's loader keeps one rank's slices.
+    shard = shard_weights(load_reference(ckpt, dtype=torch.bfloat16).aligned_weights(), rank, world)
+    torch.save({name: _served_logprobs(shard, world, chunks) for name, chunks in CHUNKINGS.items()},
+               f"{out_dir}/rank{rank}.pt")
 
 
 def test_two_gloo_ranks_equal_the_one_device_reference(ckpt, tmp_path, tp2_one_shot):
-    mp.spawn(_worker, args=(2, free_port(), str(ckpt), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo_ranks(_worker, 2, tmp_path, str(ckpt), str(tmp_path))
     for rank in range(2):
         for name, got in torch.load(tmp_path / f"rank{rank}.pt").items():
             assert torch.equal(got, tp2_one_shot), f"rank {rank}, {name}"

@@ -10,15 +10,13 @@ them here. Rank r's partials are regenerated here from the same seeds.
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_gloo_ranks
 
 from sglang_microturn.fixed_order_allreduce import (
     FixedOrderAllReduceError,
     fixed_order_all_reduce,
     sum_in_rank_order,
 )
-from sglang_microturn.server_process import free_port
 
 M, D = 37, 96  # rows (tokens) and width of the batch; 37 is prime, so no split below is uniform
 SPLITS = (1, 16, 20)  # token counts of the chunked calls, summing to M
@@ -40,23 +38,17 @@ def cancel_partial(rank: int) -> torch.Tensor:
     return torch.full((4,), CANCEL[rank], dtype=torch.bfloat16)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results = {}
-        for name in DTYPES:
-            x = partials(rank, name)
-            results[f"{name}/full"] = fixed_order_all_reduce(x)
-            results[f"{name}/rows"] = torch.cat([fixed_order_all_reduce(x[r:r + 1]) for r in range(M)])
-            results[f"{name}/splits"] = torch.cat([fixed_order_all_reduce(c) for c in x.split(SPLITS)])
-            results[f"{name}/flat"] = fixed_order_all_reduce(x.flatten())  # another message shape, same bytes
-            assert torch.equal(x, partials(rank, name)), "the input partial was modified"
-        results["cancel"] = fixed_order_all_reduce(cancel_partial(rank))
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    results = {}
+    for name in DTYPES:
+        x = partials(rank, name)
+        results[f"{name}/full"] = fixed_order_all_reduce(x)
+        results[f"{name}/rows"] = torch.cat([fixed_order_all_reduce(x[r:r + 1]) for r in range(M)])
+        results[f"{name}/splits"] = torch.cat([fixed_order_all_reduce(c) for c in x.split(SPLITS)])
+        results[f"{name}/flat"] = fixed_order_all_reduce(x.flatten())  # another message shape, same bytes
+        assert torch.equal(x, partials(rank, name)), "the input partial was modified"
+    results["cancel"] = fixed_order_all_reduce(cancel_partial(rank))
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
@@ -64,7 +56,7 @@ def run(request, tmp_path_factory):
     """(world, [rank 0 results, rank 1 results, ...])."""
     world = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
-    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    spawn_gloo_ranks(_worker, world, out, str(out))
     return world, [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 

@@ -3,27 +3,22 @@ needs a GPU: benchmarks/model_alignment_check.py)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from sglang_microturn.checkpoints import preset, write_checkpoint
+from sglang_microturn.server_process import free_port
 
 RIG = os.path.join(os.path.dirname(__file__), "sglang_model_rig.py")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     ckpt = write_checkpoint(tmp_path_factory.mktemp("sgl") / "tiny_shared", preset("tiny", shared_expert_width=24))
-    proc = subprocess.run([sys.executable, RIG, str(ckpt), str(_free_port())], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, RIG, str(ckpt), str(free_port())], capture_output=True, text=True,
                           timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RIG ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
