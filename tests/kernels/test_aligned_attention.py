@@ -78,11 +78,16 @@ class Pool:
                 row += 1
         return out
 
-    def decode(self, steps, cfg, max_kv_len=None):
-        """steps: list of (request, position) decoded together; SGLang-style decode call."""
+    def decode_args(self, steps):
+        """(q, kv_indptr, kv_indices) of a decode call for steps = [(request, position), ...]."""
         q = torch.stack([self.q[r][p] for r, p in steps])
         kv = torch.tensor([0] + [p + 1 for _, p in steps], device=self.device).cumsum(0).to(torch.int32)
         idx = torch.cat([self.slots[r][: p + 1] for r, p in steps]).to(self.device)
+        return q, kv, idx
+
+    def decode(self, steps, cfg, max_kv_len=None):
+        """steps: list of (request, position) decoded together; SGLang-style decode call."""
+        q, kv, idx = self.decode_args(steps)
         o = torch.empty(len(steps), self.h, self.dv, dtype=q.dtype, device=self.device)
         aligned_decode(q, self.k, self.v, o, kv, idx, max_kv_len or max(self.lens), config=cfg)
         return {step: o[i] for i, step in enumerate(steps)}
