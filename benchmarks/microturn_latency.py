@@ -4,8 +4,8 @@ Every micro-turn appends 16 random input ids and generates 8 tokens; sessions ru
 soon as the previous returns), as in ../shared/notes/baselines.md. Side by side in one run, same card, same
 default model, same SGLang flags:
   model      the `small` micro-turn preset without its shared expert (so upstream can serve it as Qwen3-MoE)
-  ours       `sglang-microturn serve` (plugin: aligned split-KV attention, MoE GEMV dispatch, /microturn API);
-             turns go through POST /microturn/append
+  ours       `sglang-microturn serve` (plugin: MoE GEMV dispatch, /microturn API); turns go through
+             POST /microturn/append
   upstream   `python -m sglang.launch_server` without our plugin (SGLANG_PLUGINS excludes it), Triton
              attention; turns go through /generate with session_params (SGLang's streaming sessions)
   stateless  the upstream server; every turn re-sends the whole history to /generate (radix cache on)
@@ -13,8 +13,16 @@ default model, same SGLang flags:
     python3 benchmarks/microturn_latency.py --out benchmarks/results/microturn_latency_h100.json
 
 Reported per scenario: p50 / p99 latency (client round trip), mean of the last tenth of turn positions over
-the first tenth (growth with session length), wall time. Both servers run with --disable-prefill-cuda-graph
-(prefill graph capture costs ~75 s of startup per server; the comparison is like for like).
+the first tenth (growth with session length), wall time, and the stalls: turns over the 200 ms micro-turn,
+grouped into events (overlapping slow turns of several sessions are one server stall). Each session's first
+--warmup-turns turns (default 20, the same on every side) run but are not recorded: they compile the kernel
+variants a fresh server has not seen yet. Our server logs every Triton compile (compile_log,
+MICROTURN_LOG_TRITON_COMPILES=1), and each scenario lists the compiles that happened while it was measured,
+so a stall can be told apart from a compile. Both servers run with --disable-prefill-cuda-graph (prefill
+graph capture costs ~75 s of startup per server; the comparison is like for like).
+
+"ours" is `sglang-microturn serve` with its defaults (what users run); --with-aligned adds "ours_aligned",
+the same server with --attention-backend microturn_aligned.
 """
 
 from __future__ import annotations
@@ -33,27 +41,73 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_record import write_result  # noqa: E402
 from sglang_microturn.server_process import ServerProcess  # noqa: E402
 
+from sglang_microturn import compile_log  # noqa: E402
 from sglang_microturn.checkpoints import ensure_checkpoint, preset  # noqa: E402
 from sglang_microturn.client import HTTPConnection, MicroTurnClient  # noqa: E402
 
 CHUNK, OUT_TOKENS = 16, 8
+MICRO_TURN_MS = 200
 COMMON_FLAGS = ["--disable-prefill-cuda-graph", "--cuda-graph-max-bs-decode", "64"]
 
 
-def summarize(latencies_by_position: list[list[float]], wall_s: float) -> dict:
-    """latencies_by_position[k] = the k-th turn's latencies (ms) across sessions."""
+class TurnLog:
+    """Every recorded turn of one scenario: latencies by turn position, and (start unix time, latency ms)."""
+
+    def __init__(self, turns: int, warmup: int):
+        self.warmup, self.by_position, self.turns = warmup, [[] for _ in range(turns - warmup)], []
+
+    def add(self, position: int, start: float, latency_ms: float) -> None:
+        if position >= self.warmup:
+            self.by_position[position - self.warmup].append(latency_ms)
+            self.turns.append((start, latency_ms))
+
+
+def stall_events(turns: list[tuple[float, float]], threshold_ms: float = MICRO_TURN_MS) -> list[dict]:
+    """Turns slower than threshold_ms grouped into events: slow turns whose [start, end] intervals overlap
+    (several sessions waiting on one server stall) form one event."""
+    slow = sorted((start, start + ms / 1e3, ms) for start, ms in turns if ms > threshold_ms)
+    events: list[dict] = []
+    for start, end, ms in slow:
+        if events and start <= events[-1]["end"]:
+            e = events[-1]
+            e["end"], e["turns"], e["max_ms"] = max(e["end"], end), e["turns"] + 1, max(e["max_ms"], ms)
+        else:
+            events.append({"start": start, "end": end, "turns": 1, "max_ms": ms})
+    return events
+
+
+def compiles_between(log_path: str, t0: float, t1: float) -> list[dict]:
+    """The Triton compiles our server logged (compile_log) that ended within [t0, t1] (unix time)."""
+    found = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            parsed = compile_log.parse_line(line)
+            if parsed and t0 <= parsed[2] <= t1:
+                found.append({"kernel": parsed[0], "ms": parsed[1], "at_s": round(parsed[2] - t0, 3)})
+    return found
+
+
+def summarize(log: TurnLog, wall_s: float, t0: float) -> dict:
+    """Latency statistics of the recorded turns; t0 (unix time) is where the scenario's clock starts."""
+    latencies_by_position = log.by_position
     flat = sorted(x for pos in latencies_by_position for x in pos)
     n = len(latencies_by_position)
     tenth = max(1, n // 10)
     first = statistics.mean(x for pos in latencies_by_position[:tenth] for x in pos)
     last = statistics.mean(x for pos in latencies_by_position[-tenth:] for x in pos)
+    events = stall_events(log.turns)
     return {
         "turns": len(flat),
+        "warmup_turns_per_session": log.warmup,
         "p50_ms": round(flat[len(flat) // 2], 2),
         "p99_ms": round(flat[min(len(flat) - 1, int(len(flat) * 0.99))], 2),
         "mean_ms": round(statistics.mean(flat), 2),
         "last_over_first_tenth": round(last / first, 3),
         "wall_s": round(wall_s, 1),
+        f"turns_over_{MICRO_TURN_MS}ms": sum(x > MICRO_TURN_MS for x in flat),
+        "stall_events": len(events),
+        "first_stall_events": [{"at_s": round(e["start"] - t0, 3), "turns": e["turns"],
+                                "max_ms": round(e["max_ms"], 1)} for e in events[:10]],
     }
 
 
@@ -62,30 +116,32 @@ def chunks_for(session_index: int, turns: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(CHUNK)] for _ in range(turns)]
 
 
-async def run_ours(url: str, sessions: int, turns: int, vocab: int) -> dict:
+async def run_ours(url: str, sessions: int, turns: int, vocab: int, warmup: int, server_log: str) -> dict:
     client = MicroTurnClient(url, timeout_s=300)
     opened = [await client.open(output_budget=OUT_TOKENS, ignore_eos=True) for _ in range(sessions)]
-    latencies = [[] for _ in range(turns)]
+    log = TurnLog(turns, warmup)
     mismatches = 0
 
     async def one(i, session):
         nonlocal mismatches
         for k, chunk in enumerate(chunks_for(i, turns, vocab)):
+            t = time.time()
             reply = await session.append(chunk)
-            latencies[k].append(session.turns[-1].latency_ms)
+            log.add(k, t, (time.time() - t) * 1e3)
             mismatches += reply["server_length"] != reply["committed_length"]
 
-    t0 = time.perf_counter()
+    t0, p0 = time.time(), time.perf_counter()
     await asyncio.gather(*(one(i, s) for i, s in enumerate(opened)))
-    wall = time.perf_counter() - t0
+    wall, t1 = time.perf_counter() - p0, time.time()
     for s in opened:
         await s.close()
     client.close()
-    return {**summarize(latencies, wall), "server_vs_registry_length_mismatches": mismatches}
+    return {**summarize(log, wall, t0), "server_vs_registry_length_mismatches": mismatches,
+            "triton_compiles": compiles_between(server_log, t0, t1)}
 
 
-async def run_upstream(url: str, sessions: int, turns: int, vocab: int, stateless: bool) -> dict:
-    latencies = [[] for _ in range(turns)]
+async def run_upstream(url: str, sessions: int, turns: int, vocab: int, warmup: int, stateless: bool) -> dict:
+    log = TurnLog(turns, warmup)
     params = {"max_new_tokens": OUT_TOKENS, "temperature": 0, "ignore_eos": True}
 
     async def one(i):
@@ -99,17 +155,17 @@ async def run_upstream(url: str, sessions: int, turns: int, vocab: int, stateles
                 body["input_ids"] = history + chunk
             else:
                 body.update(input_ids=chunk, session_params={"id": sid})
-            t = time.perf_counter()
+            t = time.time()
             out = await conn.request("POST", "/generate", body)
-            latencies[k].append((time.perf_counter() - t) * 1e3)
+            log.add(k, t, (time.time() - t) * 1e3)
             history += chunk + list(out["output_ids"])
         if sid is not None:
             await conn.request("POST", "/close_session", {"session_id": sid})
         conn.close()
 
-    t0 = time.perf_counter()
+    t0, p0 = time.time(), time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(sessions)))
-    return summarize(latencies, time.perf_counter() - t0)
+    return summarize(log, time.perf_counter() - p0, t0)
 
 
 def scenarios(args) -> list[tuple[int, int]]:
@@ -124,6 +180,9 @@ def main() -> int:
     p.add_argument("--long-turns", type=int, default=3000, help="turns of the 1-session scenario")
     p.add_argument("--turns", type=int, default=300, help="turns per session with 8 and 32 sessions")
     p.add_argument("--stateless-turns", type=int, default=300)
+    p.add_argument("--warmup-turns", type=int, default=20, help="unrecorded first turns of every session")
+    p.add_argument("--with-aligned", action="store_true",
+                   help="also measure ours with --attention-backend microturn_aligned")
     args = p.parse_args()
     url = f"http://127.0.0.1:{args.port}"
     exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH")
@@ -131,17 +190,23 @@ def main() -> int:
     # Qwen3-MoE (architecture overridden), so both sides run one model.
     spec = preset("small", shared_expert_width=0)
     model, args.vocab = str(ensure_checkpoint(spec)), spec.vocab_size
-    results: dict = {"chunk_tokens": CHUNK, "output_tokens": OUT_TOKENS, "flags": COMMON_FLAGS, "ours": {},
-                     "upstream": {}, "stateless": {}}
+    results: dict = {"chunk_tokens": CHUNK, "output_tokens": OUT_TOKENS, "flags": COMMON_FLAGS,
+                     "warmup_turns": args.warmup_turns, "ours": {}, "upstream": {}, "stateless": {}}
+    w = args.warmup_turns
 
-    ours_argv = [exe, "serve", "--model-path", model, "--port", str(args.port), "--attention-backend",
-                 "microturn_aligned", *COMMON_FLAGS]
-    with ServerProcess(ours_argv, args.port, f"{args.log_dir}/server_ours.log") as srv:
-        results["ours_startup_s"] = round(srv.startup_s, 1)
-        for sessions, turns in scenarios(args):
-            r = asyncio.run(run_ours(url, sessions, turns, args.vocab))
-            results["ours"][f"{sessions}x{turns}"] = r
-            print(f"ours      {sessions:2d} x {turns:4d}: {r}", flush=True)
+    ours_env = dict(os.environ, **{compile_log.ENV: "1"})
+    variants = {"ours": []} | ({"ours_aligned": ["--attention-backend", "microturn_aligned"]}
+                               if args.with_aligned else {})
+    for name, extra in variants.items():
+        argv = [exe, "serve", "--model-path", model, "--port", str(args.port), *extra, *COMMON_FLAGS]
+        log_path = f"{args.log_dir}/server_{name}.log"
+        results[name] = {}
+        with ServerProcess(argv, args.port, log_path, env=ours_env) as srv:
+            results[f"{name}_startup_s"] = round(srv.startup_s, 1)
+            for sessions, turns in scenarios(args):
+                r = asyncio.run(run_ours(url, sessions, turns + w, args.vocab, w, log_path))
+                results[name][f"{sessions}x{turns}"] = r
+                print(f"{name:12s} {sessions:2d} x {turns:4d}: {r}", flush=True)
 
     env = dict(os.environ, SGLANG_PLUGINS="none-upstream-baseline")  # loads no plugin, ours included
     up_argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model,
@@ -151,11 +216,11 @@ def main() -> int:
     with ServerProcess(up_argv, args.port, f"{args.log_dir}/server_upstream.log", env=env) as srv:
         results["upstream_startup_s"] = round(srv.startup_s, 1)
         for sessions, turns in scenarios(args):
-            r = asyncio.run(run_upstream(url, sessions, turns, args.vocab, stateless=False))
+            r = asyncio.run(run_upstream(url, sessions, turns + w, args.vocab, w, stateless=False))
             results["upstream"][f"{sessions}x{turns}"] = r
             print(f"upstream  {sessions:2d} x {turns:4d}: {r}", flush=True)
         for sessions, turns in [(1, args.stateless_turns), (8, args.stateless_turns // 2)]:
-            r = asyncio.run(run_upstream(url, sessions, turns, args.vocab, stateless=True))
+            r = asyncio.run(run_upstream(url, sessions, turns + w, args.vocab, w, stateless=True))
             results["stateless"][f"{sessions}x{turns}"] = r
             print(f"stateless {sessions:2d} x {turns:4d}: {r}", flush=True)
 
@@ -167,12 +232,15 @@ def main() -> int:
         "p99_32_sessions_under_100ms": ours[many_key]["p99_ms"] < 100,
         "one_session_p50_no_regression": ours[long_key]["p50_ms"] <= up[long_key]["p50_ms"] * 1.05,
     }
-    results["ratios_ours_over_upstream"] = {
-        k: {m: round(ours[k][m] / up[k][m], 3) for m in ("p50_ms", "p99_ms", "last_over_first_tenth")} for k in ours
-    }
+    for name in variants:
+        results[f"ratios_{name}_over_upstream"] = {
+            k: {m: round(results[name][k][m] / up[k][m], 3) for m in ("p50_ms", "p99_ms", "last_over_first_tenth")}
+            for k in results[name]
+        }
     write_result(args.out, results)
     print("targets:", results["targets"])
-    print("ours / upstream:", results["ratios_ours_over_upstream"])
+    for name in variants:
+        print(f"{name} / upstream:", results[f"ratios_{name}_over_upstream"])
     return 0
 
 

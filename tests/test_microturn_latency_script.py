@@ -1,0 +1,49 @@
+"""benchmarks/microturn_latency.py's bookkeeping on CPU: warm-up turns are not recorded, slow turns of several
+sessions that overlap are one stall event, and the Triton compiles of the measured window are read back from a
+server log written by compile_log."""
+
+import os
+import sys
+
+from sglang_microturn import compile_log
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import microturn_latency as bench  # noqa: E402
+
+
+def test_warmup_turns_are_run_but_not_recorded():
+    log = bench.TurnLog(turns=5, warmup=2)
+    for session in range(3):
+        for k in range(5):
+            log.add(k, 100.0 + k, 1000.0 if k < 2 else 10.0 + k)  # slow warm-up turns
+    assert [len(p) for p in log.by_position] == [3, 3, 3] and len(log.turns) == 9
+    summary = bench.summarize(log, wall_s=1.0, t0=100.0)
+    assert summary["turns"] == 9 and summary["warmup_turns_per_session"] == 2
+    assert summary["p99_ms"] == 14.0 and summary["stall_events"] == 0  # the warm-up's 1000 ms are gone
+
+
+def test_overlapping_slow_turns_are_one_stall_event():
+    turns = [(10.0, 600.0), (10.1, 550.0), (10.3, 300.0),  # three sessions held up by one stall
+             (12.0, 250.0),  # another, later
+             (13.0, 150.0)]  # under the micro-turn: not a stall
+    events = bench.stall_events(turns)
+    assert [(e["turns"], e["max_ms"]) for e in events] == [(3, 600.0), (1, 250.0)]
+    log = bench.TurnLog(turns=1, warmup=0)
+    for start, ms in turns:
+        log.add(0, start, ms)
+    summary = bench.summarize(log, wall_s=3.0, t0=9.0)
+    assert summary["turns_over_200ms"] == 4 and summary["stall_events"] == 2
+    assert summary["first_stall_events"][0] == {"at_s": 1.0, "turns": 3, "max_ms": 600.0}
+
+
+def test_compiles_in_the_measured_window(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("\n".join([
+        "[scheduler] loading weights",
+        compile_log.format_line("microturn_kernels.aligned_attention", "_split_partials_kernel", 0.4, 50.0),
+        compile_log.format_line("sglang.fused_moe", "fused_moe_kernel", 0.61, 105.5),
+        "[scheduler] Decode batch, #running-req: 32",
+        compile_log.format_line("mod", "late", 0.1, 300.0),
+    ]) + "\n")
+    assert bench.compiles_between(str(log), 100.0, 200.0) == [
+        {"kernel": "sglang.fused_moe.fused_moe_kernel", "ms": 610.0, "at_s": 5.5}]
