@@ -9,9 +9,14 @@
      server     one prefill of the whole session on the same server (/generate, logprob_start_len 0)
      reference  the PyTorch reference in aligned mode on this GPU, without SGLang (after the server stops)
    Target: 0 mismatched tokens on both paths (bitwise equal logprobs).
+   Seeded sampling (temperature > 0): --sampled-sessions more sessions at temperature 0.8, each with its own
+   `seed`, run twice: all at once, then one at a time (other batches around every step). Target: the two
+   runs sample the same tokens with the same logprobs, and the first run's records re-score bitwise through
+   the server prefill like the greedy ones.
 2. Overhead. The micro-turn workload of microturn_latency.py (16 random input ids + 8 generated per turn,
    closed loop) on alignment mode and on the default mode (`sglang-microturn serve`, no flags): throughput at
-   --throughput-sessions sessions and p50 latency of one session. Target: within 5 %.
+   --throughput-sessions sessions and p50 latency of one session, after unrecorded warm-up turns. Target:
+   within 5 %. Both servers log their Triton compiles (compile_log); each scenario lists those it saw.
 
 Two server starts (~100 s each with --disable-prefill-cuda-graph --cuda-graph-max-bs-decode 64); about
 300-400 s in all on an H100 at the defaults.
@@ -35,24 +40,29 @@ from model_alignment_check import synthetic_turns  # noqa: E402
 from run_record import write_result  # noqa: E402
 from sglang_microturn.server_process import ServerProcess  # noqa: E402
 
+from sglang_microturn import compile_log  # noqa: E402
 from sglang_microturn.align import PathReport, compare, reference_logprobs, server_logprobs  # noqa: E402
 from sglang_microturn.alignment_record import AlignmentRecord, record_from_turns, write_record  # noqa: E402
 from sglang_microturn.client import MicroTurnClient  # noqa: E402
 from sglang_microturn.layout import DEFAULT_LAYOUT  # noqa: E402
 
 OVERHEAD_TARGET = 0.05  # alignment mode within 5 % of the default mode
-# Turns per scenario run once, unmeasured, before the overhead runs: the first time a batch shape appears a
-# server compiles kernels for it (Triton JIT, ~0.5 s); that is start-up cost, not the mode's cost.
-WARMUP_TURNS = 10
+# Unrecorded first turns of every overhead session: the first time a batch shape appears a server compiles
+# kernels for it (Triton JIT, ~0.5 s); that is start-up cost, not the mode's cost.
+WARMUP_TURNS = 20
+SAMPLING_TEMPERATURE = 0.8
 
 
-async def collect_records(url: str, sessions: int, turns: int, model_path: str) -> list[AlignmentRecord]:
-    """Serve `sessions` concurrent layout sessions of `turns` micro-turns; one alignment record each."""
+async def collect_records(url: str, sessions: int, turns: int, model_path: str, temperature: float = 0.0,
+                          seed_base: int | None = None, concurrent: bool = True) -> list[AlignmentRecord]:
+    """Serve `sessions` layout sessions of `turns` micro-turns (all at once, or one after another); one
+    alignment record each. With seed_base, session i samples with seed seed_base + i."""
     client = MicroTurnClient(url, timeout_s=300)
     budget = DEFAULT_LAYOUT.spec.out_budget
 
     async def one(i: int) -> AlignmentRecord:
-        session = await client.open(output_budget=budget, ignore_eos=True, temperature=0.0)
+        seed = None if seed_base is None else seed_base + i
+        session = await client.open(output_budget=budget, ignore_eos=True, temperature=temperature, seed=seed)
         prev = None
         for k, events in enumerate(synthetic_turns(turns, seed=i)):
             reply = await session.append(DEFAULT_LAYOUT.append_ids(events, prev, turn=k), return_logprob=True)
@@ -61,9 +71,19 @@ async def collect_records(url: str, sessions: int, turns: int, model_path: str) 
         return record_from_turns(session.turns, model_path)
 
     try:
-        return list(await asyncio.gather(*(one(i) for i in range(sessions))))
+        if concurrent:
+            return list(await asyncio.gather(*(one(i) for i in range(sessions))))
+        return [await one(i) for i in range(sessions)]
     finally:
         client.close()
+
+
+def replay_differences(first: list[AlignmentRecord], second: list[AlignmentRecord]) -> dict:
+    """Two runs of the same seeded sessions: sessions whose sequence or sampled logprobs differ."""
+    differing = [i for i, (a, b) in enumerate(zip(first, second))
+                 if a.sequence != b.sequence or [g.logprob for g in a.generated] != [g.logprob for g in b.generated]]
+    return {"sessions": len(first), "sampled_tokens": sum(len(r.generated) for r in first),
+            "sessions_that_differ": differing}
 
 
 def aggregate(reports: list[PathReport]) -> dict:
@@ -92,14 +112,12 @@ def overhead(default: dict, aligned: dict, sessions_key: str, single_key: str) -
     }
 
 
-def measure_overhead(url: str, args) -> dict:
+def measure_overhead(url: str, args, server_log: str) -> dict:
     vocab = DEFAULT_LAYOUT.vocab.size
     out = {}
-    scenarios = ((1, args.latency_turns), (args.throughput_sessions, args.throughput_turns))
-    for sessions, _ in scenarios:
-        asyncio.run(run_ours(url, sessions, WARMUP_TURNS, vocab))
-    for sessions, turns in scenarios:
-        out[f"{sessions}x{turns}"] = r = asyncio.run(run_ours(url, sessions, turns, vocab))
+    for sessions, turns in ((1, args.latency_turns), (args.throughput_sessions, args.throughput_turns)):
+        out[f"{sessions}x{turns}"] = r = asyncio.run(
+            run_ours(url, sessions, turns + WARMUP_TURNS, vocab, WARMUP_TURNS, server_log))
         print(f"  {sessions:2d} x {turns:4d}: {r}", flush=True)
     return out
 
@@ -114,6 +132,8 @@ def main() -> int:
     p.add_argument("--latency-turns", type=int, default=200, help="turns of the 1-session latency scenario")
     p.add_argument("--throughput-sessions", type=int, default=32)
     p.add_argument("--throughput-turns", type=int, default=50)
+    p.add_argument("--sampled-sessions", type=int, default=4,
+                   help="seeded sessions at temperature > 0, each run twice (0: skip)")
     p.add_argument("--model-path", default=None, help="default: the serve default (small preset)")
     p.add_argument("--overhead-only", action="store_true", help="skip the alignment check (part 1)")
     p.add_argument("sglang_args", nargs="*", help="extra SGLang flags for both servers (after --)")
@@ -130,20 +150,25 @@ def main() -> int:
     result: dict = {"model_path": model_path, "flags": COMMON_FLAGS + args.sglang_args,
                     "sessions": args.sessions, "turns": args.turns}
 
+    env = dict(os.environ, **{compile_log.ENV: "1"})
     print("alignment mode server", flush=True)
-    with ServerProcess([*base, "--alignment-mode"], args.port, str(log_dir / "server_aligned.log")) as server:
+    log = str(log_dir / "server_aligned.log")
+    with ServerProcess([*base, "--alignment-mode"], args.port, log, env=env) as server:
         result["aligned_startup_s"] = round(server.startup_s, 1)
         if not args.overhead_only:
             records, server_reports = check_server(url, args, model_path, log_dir, result)
-        result["overhead_aligned"] = measure_overhead(url, args)
+            if args.sampled_sessions:
+                check_seeded_sampling(url, args, model_path, result)
+        result["overhead_aligned"] = measure_overhead(url, args, log)
     result["aligned_clean_shutdown"] = server.shutdown.get("clean")
     if not args.overhead_only:
         check_reference(records, server_reports, model_path, result)
 
     print("default mode server", flush=True)
-    with ServerProcess(base, args.port, str(log_dir / "server_default.log")) as server:
+    log = str(log_dir / "server_default.log")
+    with ServerProcess(base, args.port, log, env=env) as server:
         result["default_startup_s"] = round(server.startup_s, 1)
-        result["overhead_default"] = measure_overhead(url, args)
+        result["overhead_default"] = measure_overhead(url, args, log)
 
     result["overhead"] = overhead(result["overhead_default"], result["overhead_aligned"],
                                   f"{args.throughput_sessions}x{args.throughput_turns}", f"1x{args.latency_turns}")
@@ -157,10 +182,18 @@ def main() -> int:
             "reference_bitwise": result["alignment"]["reference"]["mismatched"] == 0,
             "at_least_16000_sampled_tokens": result["sampled_tokens"] >= 16000,
         })
+        if args.sampled_sessions:
+            seeded = result["seeded_sampling"]
+            result["checks"].update({
+                "seeded_sampling_replays": not seeded["replay"]["sessions_that_differ"],
+                "seeded_sampling_server_prefill_bitwise": seeded["server"]["mismatched"] == 0,
+            })
     write_result(args.out, result)
     print("overhead:", result["overhead"])
     print("checks:", result["checks"])
-    return 0 if result["checks"].get("server_prefill_bitwise", True) and result["checks"].get("reference_bitwise", True) else 1
+    bitwise = ("server_prefill_bitwise", "reference_bitwise", "seeded_sampling_replays",
+               "seeded_sampling_server_prefill_bitwise")
+    return 0 if all(result["checks"].get(name, True) for name in bitwise) else 1
 
 
 def check_server(url: str, args, model_path: str, log_dir: Path, result: dict):
@@ -177,6 +210,20 @@ def check_server(url: str, args, model_path: str, log_dir: Path, result: dict):
     server_reports = [compare("server", r, server_logprobs(r, url)) for r in records]
     result["server_rescore_s"] = round(time.perf_counter() - t0, 1)
     return records, server_reports
+
+
+def check_seeded_sampling(url: str, args, model_path: str, result: dict) -> None:
+    """Part 1, temperature > 0: the seeded sessions twice (together, then alone), and a server re-score."""
+    n, turns = args.sampled_sessions, args.turns
+    together = asyncio.run(collect_records(url, n, turns, model_path, SAMPLING_TEMPERATURE, seed_base=7000))
+    alone = asyncio.run(collect_records(url, n, turns, model_path, SAMPLING_TEMPERATURE, seed_base=7000,
+                                        concurrent=False))
+    result["seeded_sampling"] = {
+        "temperature": SAMPLING_TEMPERATURE,
+        "replay": replay_differences(together, alone),
+        "server": aggregate([compare("server", r, server_logprobs(r, url)) for r in together]),
+    }
+    print(f"  seeded sampling: {result['seeded_sampling']}", flush=True)
 
 
 def check_reference(records, server_reports, model_path: str, result: dict) -> None:

@@ -34,3 +34,17 @@ def test_aggregate_and_overhead():
     o = e2e.overhead(default, aligned, "32x50", "1x200")
     assert o["throughput_aligned_over_default"] == round(10 / 10.4, 3) and o["throughput_within_target"]
     assert o["p50_aligned_over_default"] == 1.075 and not o["p50_within_target"]
+
+
+def test_seeded_sessions_one_at_a_time_and_replay_comparison(server):  # noqa: F811
+    url, tm = server
+    together = asyncio.run(e2e.collect_records(url, sessions=2, turns=2, model_path="/m", temperature=0.8,
+                                               seed_base=7000))
+    alone = asyncio.run(e2e.collect_records(url, sessions=2, turns=2, model_path="/m", temperature=0.8,
+                                            seed_base=7000, concurrent=False))
+    assert tm.last_sampling_params["temperature"] == 0.8 and tm.last_sampling_params["sampling_seed"] == 7001
+    assert e2e.replay_differences(together, alone) == {
+        "sessions": 2, "sampled_tokens": len(together[0].generated) * 2, "sessions_that_differ": []}
+    changed = [together[0], e2e.AlignmentRecord(together[1].sequence[:-1] + [together[1].sequence[-1] + 1],
+                                                together[1].generated, "/m")]
+    assert e2e.replay_differences(together, changed)["sessions_that_differ"] == [1]

@@ -1,7 +1,6 @@
 """The asyncio client against the real HTTP stack (uvicorn on loopback) over the stand-in tokenizer manager."""
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -11,6 +10,7 @@ from test_http_api import FakeTokenizerManager, app_for
 
 from sglang_microturn.client import BadRequestError, MicroTurnClient, SessionGoneError, SessionNotFoundError
 from sglang_microturn.http_api import Backend, MicroTurnAPI
+from sglang_microturn.server_process import free_port
 
 
 @pytest.fixture
@@ -18,9 +18,7 @@ def server(monkeypatch):
     monkeypatch.setenv("MICROTURN_SESSION_KV_TOKENS", "100000")
     tm = FakeTokenizerManager()
     api = MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app_for(api), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
