@@ -14,6 +14,12 @@ Python is slower than SGLang's, which dominates eager timings below ~8k of conte
 read / copy bandwidth measured in the same run (torch copy of 2 GiB; read+write bytes).
 Checks stored in the JSON: bitwise prefill == decode == chunked extend at a real shape, max error vs an fp32
 reference. Exit code 2 without CUDA. SGLang must be importable (e.g. PYTHONPATH=/tmp/site).
+
+--variants times further configs, each also from a CUDA graph and each bitwise-checked:
+`name=S:block_n:num_warps:num_stages` (block_m stays 16), e.g.
+    --variants S128=128:64:4:2,S256_n32=256:32:4:2,S256_w8=256:64:8:3
+A variant with another S or block_n is another alignment contract (trainer and server must use it alike);
+num_warps / num_stages may change bits too, which its own check shows.
 """
 
 from __future__ import annotations
@@ -37,6 +43,21 @@ CHECK_TOKENS, REF_TOKENS = 4100, 2048
 GRAPH_TIMED = ("aligned_S256", "aligned_S256_allsplits")  # also timed from a CUDA graph
 # The grid before split folding (one program per possible split of a 64k context), for comparison.
 ALL_SPLITS = "aligned_S256_allsplits"
+
+
+def parse_variants(text: str) -> dict:
+    """`name=S:block_n:num_warps:num_stages,...` -> {name: AlignedAttentionConfig}."""
+    from microturn_kernels.aligned_attention import AlignedAttentionConfig
+
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, spec = item.partition("=")
+        fields = spec.split(":")
+        if not name or len(fields) != 4 or not all(f.isdigit() for f in fields):
+            raise SystemExit(f"--variants: {item!r} is not name=S:block_n:num_warps:num_stages")
+        s, n, w, st = map(int, fields)
+        out[f"aligned_{name}"] = AlignedAttentionConfig(split_size=s, block_n=n, num_warps=w, num_stages=st)
+    return out
 
 
 def call_kwargs(name, cfg):
@@ -103,7 +124,7 @@ def decode_inputs(bs, ctx):
     return q, kv_indptr, kv_indices, seq_lens
 
 
-def run_decode(pool, sgl, configs, bw, sm_count):
+def run_decode(pool, sgl, configs, bw, sm_count, graph_timed):
     from microturn_kernels.aligned_attention import aligned_decode
 
     decode_fwd, _, _, get_splits = sgl
@@ -145,7 +166,7 @@ def run_decode(pool, sgl, configs, bw, sm_count):
                     **call_kwargs(name, cfg),
                 )
                 res[f"{name}_us"] = bench(ours)
-                if name in GRAPH_TIMED:
+                if name in graph_timed:
                     res[f"{name}_graph_us"] = bench_graph(ours)
             kv_bytes = bs * ctx * KH * 2 * D * 2
             res["kv_bytes"] = kv_bytes
@@ -264,6 +285,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="JSON path, e.g. benchmarks/results/attention_h100.json")
     ap.add_argument("--splits", default="256,1024,4096", help="our split sizes S to time")
+    ap.add_argument("--variants", default="", help="more configs, graph-timed: name=S:block_n:warps:stages,...")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention benchmark needs a CUDA GPU: none found, nothing measured", file=sys.stderr)
@@ -278,13 +300,16 @@ def main(argv=None):
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     configs = {f"aligned_S{s}": AlignedAttentionConfig(split_size=int(s)) for s in args.splits.split(",")}
     configs[ALL_SPLITS] = AlignedAttentionConfig(split_size=256)
+    variants = parse_variants(args.variants)
+    configs.update(variants)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     pool = KV(max(max(DECODE_BS) * max(DECODE_CTX), max(EXTEND_BS) * (max(EXTEND_HIST) + EXTEND_NEW)))  # decode batch 32 x 64k: 4 GiB each for K and V
     checks = [check_bitwise(pool, AlignedAttentionConfig(split_size=s)) for s in (256, 4096)]
+    checks += [{"variant": name, **check_bitwise(pool, cfg)} for name, cfg in variants.items()]
     for c in checks:
         print("bitwise/tolerance:", c, flush=True)
-    decode = run_decode(pool, sgl, configs, bw, sm_count)
+    decode = run_decode(pool, sgl, configs, bw, sm_count, GRAPH_TIMED + tuple(variants))
     extend = run_extend(pool, sgl, configs, bw)
     results = {
         "benchmark": "attention",
