@@ -16,7 +16,7 @@
 2. Overhead. The micro-turn workload of microturn_latency.py (16 random input ids + 8 generated per turn,
    closed loop) on alignment mode and on the default mode (`sglang-microturn serve`, no flags): throughput at
    --throughput-sessions sessions and p50 latency of one session, after unrecorded warm-up turns. Target:
-   within 5 %. Both servers log their Triton compiles (compile_log); each scenario lists those it saw.
+   within 5 %. Both servers log their compiles and long collections (stall_log); each scenario lists them.
 
 Two server starts (~100 s each with --disable-prefill-cuda-graph --cuda-graph-max-bs-decode 64); about
 300-400 s in all on an H100 at the defaults.
@@ -40,7 +40,7 @@ from model_alignment_check import synthetic_turns  # noqa: E402
 from run_record import write_result  # noqa: E402
 from sglang_microturn.server_process import ServerProcess  # noqa: E402
 
-from sglang_microturn import compile_log  # noqa: E402
+from sglang_microturn import stall_log  # noqa: E402
 from sglang_microturn.align import PathReport, compare, reference_logprobs, server_logprobs  # noqa: E402
 from sglang_microturn.alignment_record import AlignmentRecord, record_from_turns, write_record  # noqa: E402
 from sglang_microturn.client import MicroTurnClient  # noqa: E402
@@ -150,7 +150,7 @@ def main() -> int:
     result: dict = {"model_path": model_path, "flags": COMMON_FLAGS + args.sglang_args,
                     "sessions": args.sessions, "turns": args.turns}
 
-    env = dict(os.environ, **{compile_log.ENV: "1"})
+    env = dict(os.environ, **{stall_log.ENV: "1"})
     print("alignment mode server", flush=True)
     log = str(log_dir / "server_aligned.log")
     with ServerProcess([*base, "--alignment-mode"], args.port, log, env=env) as server:

@@ -16,9 +16,9 @@ Reported per scenario: p50 / p99 latency (client round trip), mean of the last t
 the first tenth (growth with session length), wall time, and the stalls: turns over the 200 ms micro-turn,
 grouped into events (overlapping slow turns of several sessions are one server stall). Each session's first
 --warmup-turns turns (default 20, the same on every side) run but are not recorded: they compile the kernel
-variants a fresh server has not seen yet. Our server logs every Triton compile (compile_log,
-MICROTURN_LOG_TRITON_COMPILES=1), and each scenario lists the compiles that happened while it was measured,
-so a stall can be told apart from a compile. Both servers run with --disable-prefill-cuda-graph (prefill
+variants a fresh server has not seen yet. Our server logs its Triton compiles and long garbage collections
+(stall_log, MICROTURN_LOG_STALLS=1), and each scenario lists those that happened while it was measured, so a
+stall can be told apart from a compile or a collection. Both servers run with --disable-prefill-cuda-graph (prefill
 graph capture costs ~75 s of startup per server; the comparison is like for like).
 
 "ours" is `sglang-microturn serve` with its defaults (what users run); --with-aligned adds "ours_aligned",
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_record import write_result  # noqa: E402
 from sglang_microturn.server_process import ServerProcess  # noqa: E402
 
-from sglang_microturn import compile_log  # noqa: E402
+from sglang_microturn import stall_log  # noqa: E402
 from sglang_microturn.checkpoints import ensure_checkpoint, preset  # noqa: E402
 from sglang_microturn.client import HTTPConnection, MicroTurnClient  # noqa: E402
 
@@ -76,14 +76,15 @@ def stall_events(turns: list[tuple[float, float]], threshold_ms: float = MICRO_T
     return events
 
 
-def compiles_between(log_path: str, t0: float, t1: float) -> list[dict]:
-    """The Triton compiles our server logged (compile_log) that ended within [t0, t1] (unix time)."""
+def stalls_between(log_path: str, t0: float, t1: float) -> list[dict]:
+    """The compiles and long collections our server logged (stall_log) that ended within [t0, t1] (unix time)."""
     found = []
     with open(log_path, errors="replace") as f:
         for line in f:
-            parsed = compile_log.parse_line(line)
-            if parsed and t0 <= parsed[2] <= t1:
-                found.append({"kernel": parsed[0], "ms": parsed[1], "at_s": round(parsed[2] - t0, 3)})
+            stall = stall_log.parse_line(line)
+            if stall and t0 <= stall.at <= t1:
+                found.append({"kind": stall.kind, "what": stall.what, "ms": stall.ms, "at_s": round(stall.at - t0, 3),
+                              "pid": stall.pid})
     return found
 
 
@@ -137,7 +138,7 @@ async def run_ours(url: str, sessions: int, turns: int, vocab: int, warmup: int,
         await s.close()
     client.close()
     return {**summarize(log, wall, t0), "server_vs_registry_length_mismatches": mismatches,
-            "triton_compiles": compiles_between(server_log, t0, t1)}
+            "server_stalls": stalls_between(server_log, t0, t1)}
 
 
 async def run_upstream(url: str, sessions: int, turns: int, vocab: int, warmup: int, stateless: bool) -> dict:
@@ -194,7 +195,7 @@ def main() -> int:
                      "warmup_turns": args.warmup_turns, "ours": {}, "upstream": {}, "stateless": {}}
     w = args.warmup_turns
 
-    ours_env = dict(os.environ, **{compile_log.ENV: "1"})
+    ours_env = dict(os.environ, **{stall_log.ENV: "1"})
     variants = {"ours": []} | ({"ours_aligned": ["--attention-backend", "microturn_aligned"]}
                                if args.with_aligned else {})
     for name, extra in variants.items():

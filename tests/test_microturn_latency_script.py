@@ -1,11 +1,11 @@
 """benchmarks/microturn_latency.py's bookkeeping on CPU: warm-up turns are not recorded, slow turns of several
-sessions that overlap are one stall event, and the Triton compiles of the measured window are read back from a
-server log written by compile_log."""
+sessions that overlap are one stall event, and the compiles and collections of the measured window are read
+back from a server log written by stall_log."""
 
 import os
 import sys
 
-from sglang_microturn import compile_log
+from sglang_microturn import stall_log
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import microturn_latency as bench  # noqa: E402
@@ -36,14 +36,17 @@ def test_overlapping_slow_turns_are_one_stall_event():
     assert summary["first_stall_events"][0] == {"at_s": 1.0, "turns": 3, "max_ms": 600.0}
 
 
-def test_compiles_in_the_measured_window(tmp_path):
+def test_server_stalls_in_the_measured_window(tmp_path):
     log = tmp_path / "server.log"
     log.write_text("\n".join([
         "[scheduler] loading weights",
-        compile_log.format_line("microturn_kernels.aligned_attention", "_split_partials_kernel", 0.4, 50.0),
-        compile_log.format_line("sglang.fused_moe", "fused_moe_kernel", 0.61, 105.5),
+        stall_log.format_line(stall_log.Stall("compile", "microturn_kernels.aligned_attention._split_partials_kernel",
+                                              400, 50.0, 11)),
+        stall_log.format_line(stall_log.Stall("compile", "sglang.fused_moe.fused_moe_kernel", 610, 105.5, 11)),
         "[scheduler] Decode batch, #running-req: 32",
-        compile_log.format_line("mod", "late", 0.1, 300.0),
+        stall_log.format_line(stall_log.Stall("gc", "gen2", 230, 150.25, 12)),
+        stall_log.format_line(stall_log.Stall("compile", "mod.late", 100, 300.0, 11)),
     ]) + "\n")
-    assert bench.compiles_between(str(log), 100.0, 200.0) == [
-        {"kernel": "sglang.fused_moe.fused_moe_kernel", "ms": 610.0, "at_s": 5.5}]
+    assert bench.stalls_between(str(log), 100.0, 200.0) == [
+        {"kind": "compile", "what": "sglang.fused_moe.fused_moe_kernel", "ms": 610.0, "at_s": 5.5, "pid": 11},
+        {"kind": "gc", "what": "gen2", "ms": 230.0, "at_s": 50.25, "pid": 12}]
