@@ -21,6 +21,9 @@ variants a fresh server has not seen yet. Our server logs its Triton compiles an
 stall can be told apart from a compile or a collection. Both servers run with --disable-prefill-cuda-graph (prefill
 graph capture costs ~75 s of startup per server; the comparison is like for like).
 
+--freeze-gc asks every server (SGLang's /freeze_gc: scheduler and tokenizer manager) to move what its heap holds
+to the permanent generation before each scenario, as SGLang advises against collection jitter.
+
 "ours" is `sglang-microturn serve` with its defaults (what users run); --with-aligned adds "ours_aligned",
 the same server with --attention-backend microturn_aligned.
 """
@@ -169,6 +172,14 @@ async def run_upstream(url: str, sessions: int, turns: int, vocab: int, warmup: 
     return summarize(log, time.perf_counter() - p0, t0)
 
 
+async def freeze_gc(url: str) -> None:
+    conn = HTTPConnection(url, timeout_s=60)
+    try:
+        await conn.request("POST", "/freeze_gc")
+    finally:
+        conn.close()
+
+
 def scenarios(args) -> list[tuple[int, int]]:
     return [(1, args.long_turns), (8, args.turns), (32, args.turns)]
 
@@ -182,6 +193,7 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=300, help="turns per session with 8 and 32 sessions")
     p.add_argument("--stateless-turns", type=int, default=300)
     p.add_argument("--warmup-turns", type=int, default=20, help="unrecorded first turns of every session")
+    p.add_argument("--freeze-gc", action="store_true", help="POST /freeze_gc to each server before each scenario")
     p.add_argument("--with-aligned", action="store_true",
                    help="also measure ours with --attention-backend microturn_aligned")
     args = p.parse_args()
@@ -192,7 +204,8 @@ def main() -> int:
     spec = preset("small", shared_expert_width=0)
     model, args.vocab = str(ensure_checkpoint(spec)), spec.vocab_size
     results: dict = {"chunk_tokens": CHUNK, "output_tokens": OUT_TOKENS, "flags": COMMON_FLAGS,
-                     "warmup_turns": args.warmup_turns, "ours": {}, "upstream": {}, "stateless": {}}
+                     "warmup_turns": args.warmup_turns, "freeze_gc": args.freeze_gc, "ours": {}, "upstream": {},
+                     "stateless": {}}
     w = args.warmup_turns
 
     ours_env = dict(os.environ, **{stall_log.ENV: "1"})
@@ -205,6 +218,8 @@ def main() -> int:
         with ServerProcess(argv, args.port, log_path, env=ours_env) as srv:
             results[f"{name}_startup_s"] = round(srv.startup_s, 1)
             for sessions, turns in scenarios(args):
+                if args.freeze_gc:
+                    asyncio.run(freeze_gc(url))
                 r = asyncio.run(run_ours(url, sessions, turns + w, args.vocab, w, log_path))
                 results[name][f"{sessions}x{turns}"] = r
                 print(f"{name:12s} {sessions:2d} x {turns:4d}: {r}", flush=True)
@@ -217,6 +232,8 @@ def main() -> int:
     with ServerProcess(up_argv, args.port, f"{args.log_dir}/server_upstream.log", env=env) as srv:
         results["upstream_startup_s"] = round(srv.startup_s, 1)
         for sessions, turns in scenarios(args):
+            if args.freeze_gc:
+                asyncio.run(freeze_gc(url))
             r = asyncio.run(run_upstream(url, sessions, turns + w, args.vocab, w, stateless=False))
             results["upstream"][f"{sessions}x{turns}"] = r
             print(f"upstream  {sessions:2d} x {turns:4d}: {r}", flush=True)

@@ -2,6 +2,7 @@
 sessions that overlap are one stall event, and the compiles and collections of the measured window are read
 back from a server log written by stall_log."""
 
+import asyncio
 import os
 import sys
 
@@ -50,3 +51,24 @@ def test_server_stalls_in_the_measured_window(tmp_path):
     assert bench.stalls_between(str(log), 100.0, 200.0) == [
         {"kind": "compile", "what": "sglang.fused_moe.fused_moe_kernel", "ms": 610.0, "at_s": 5.5, "pid": 11},
         {"kind": "gc", "what": "gen2", "ms": 230.0, "at_s": 50.25, "pid": 12}]
+
+
+def test_freeze_gc_posts_to_sglangs_endpoint():
+    seen = []
+
+    async def handle(reader, writer):
+        seen.append((await reader.readuntil(b"\r\n")).decode().strip())
+        while await reader.readuntil(b"\r\n") != b"\r\n":
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnull")
+        await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            await bench.freeze_gc(f"http://127.0.0.1:{port}")
+
+    asyncio.run(run())
+    assert seen == ["POST /freeze_gc HTTP/1.1"]
