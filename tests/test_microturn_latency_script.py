@@ -18,8 +18,9 @@ def test_warmup_turns_are_run_but_not_recorded():
         for k in range(5):
             log.add(k, 100.0 + k, 1000.0 if k < 2 else 10.0 + k)  # slow warm-up turns
     assert [len(p) for p in log.by_position] == [3, 3, 3] and len(log.turns) == 9
-    summary = bench.summarize(log, wall_s=1.0, t0=100.0)
+    summary = bench.summarize(log, t0=100.0)
     assert summary["turns"] == 9 and summary["warmup_turns_per_session"] == 2
+    assert summary["wall_s"] == 2.0  # recorded turns start at 102-104 s and last 12-14 ms: the warm-up is out
     assert summary["p99_ms"] == 14.0 and summary["stall_events"] == 0  # the warm-up's 1000 ms are gone
 
 
@@ -32,7 +33,7 @@ def test_overlapping_slow_turns_are_one_stall_event():
     log = bench.TurnLog(turns=1, warmup=0)
     for start, ms in turns:
         log.add(0, start, ms)
-    summary = bench.summarize(log, wall_s=3.0, t0=9.0)
+    summary = bench.summarize(log, t0=9.0)
     assert summary["turns_over_200ms"] == 4 and summary["stall_events"] == 2
     assert summary["first_stall_events"][0] == {"at_s": 1.0, "turns": 3, "max_ms": 600.0}
 
