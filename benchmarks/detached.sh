@@ -24,6 +24,7 @@ case "${1:-}" in
     ;;
   wait)
     limit=${2:-540}
+    [[ $limit =~ ^[0-9]+$ ]] || { echo "wait takes a number of seconds, got '$limit'" >&2; exit 2; }
     end=$((SECONDS + limit))
     while [ ! -f "$DIR/rc" ] && [ $SECONDS -lt $end ]; do sleep 5; done
     tail -n 40 "$DIR/log"

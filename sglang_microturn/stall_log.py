@@ -89,11 +89,24 @@ def _install_gc_callback(threshold_s: float) -> None:
     gc.callbacks.append(on_gc)
 
 
+def _gc_threshold_s() -> float:
+    raw = os.environ.get(GC_MS_ENV, "20")
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not ms >= 0:  # also NaN
+        # SystemExit, as the plugin's other refusals: SGLang's plugin loader only logs ordinary exceptions.
+        raise SystemExit(f"sglang-microturn: {GC_MS_ENV}={raw!r}: want a number of milliseconds >= 0")
+    return ms / 1e3
+
+
 def install() -> str:
     if os.environ.get(ENV, "0") != "1":
         return "stall log off"
+    threshold_s = _gc_threshold_s()  # before anything is installed: a bad value changes nothing
     # Idempotent: the plugin may be registered twice in one process.
     if not any(getattr(cb, "microturn_stall_log", False) for cb in gc.callbacks):
         _install_compile_hooks()
-        _install_gc_callback(float(os.environ.get(GC_MS_ENV, "20")) / 1e3)
+        _install_gc_callback(threshold_s)
     return "stall log on"

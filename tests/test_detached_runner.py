@@ -39,6 +39,12 @@ def test_start_wait_collect(tmp_path):
     assert "=== false" in (out / "detached.log").read_text()
 
 
-def test_usage():
+def test_bad_use_is_refused_with_a_message(tmp_path):
     r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=10)
     assert r.returncode == 2 and "usage" in r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"MICROTURN_DETACHED_DIR": str(tmp_path / "d")}
+    r = _run(tmp_path, env, "wait", "soon")
+    assert r.returncode == 2 and "wait takes a number of seconds, got 'soon'" in r.stderr
+    r = _run(tmp_path, env, "collect")
+    assert r.returncode != 0 and "collect needs $OUT" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing was written

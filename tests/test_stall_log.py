@@ -90,6 +90,17 @@ def test_collections_from_the_threshold_up_are_logged(clean, capsys):
     assert not [s for s in _stalls(capsys.readouterr().err) if s.kind == "gc"]
 
 
+@pytest.mark.parametrize("bad", ["abc", "-5", "nan", ""])
+def test_a_bad_gc_threshold_stops_with_a_clear_message_and_installs_nothing(clean, bad):
+    clean.setenv(stall_log.ENV, "1")
+    clean.setenv(stall_log.GC_MS_ENV, bad)
+    callbacks = gc.callbacks[:]
+    with pytest.raises(SystemExit, match=f"{stall_log.GC_MS_ENV}=.*want a number of milliseconds >= 0"):
+        stall_log.install()
+    assert gc.callbacks == callbacks
+    assert knobs.runtime.jit_cache_hook is None and knobs.runtime.jit_post_compile_hook is None
+
+
 @triton.jit
 def _add_one(x_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
