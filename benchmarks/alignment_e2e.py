@@ -122,6 +122,13 @@ def measure_overhead(url: str, args, server_log: str) -> dict:
     return out
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; pass 0 to skip")
+    return value
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -132,7 +139,7 @@ def main() -> int:
     p.add_argument("--latency-turns", type=int, default=200, help="turns of the 1-session latency scenario")
     p.add_argument("--throughput-sessions", type=int, default=32)
     p.add_argument("--throughput-turns", type=int, default=50)
-    p.add_argument("--sampled-sessions", type=int, default=4,
+    p.add_argument("--sampled-sessions", type=non_negative_int, default=4,
                    help="seeded sessions at temperature > 0, each run twice (0: skip)")
     p.add_argument("--model-path", default=None, help="default: the serve default (small preset)")
     p.add_argument("--overhead-only", action="store_true", help="skip the alignment check (part 1)")

@@ -1,9 +1,12 @@
 """benchmarks/alignment_e2e.py's pure-Python parts on CPU: session records collected through the real client
 and /microturn API over the stand-in tokenizer manager, and the report arithmetic."""
 
+import argparse
 import asyncio
 import os
 import sys
+
+import pytest
 
 from test_client import server  # noqa: F401  (fixture)
 
@@ -48,3 +51,9 @@ def test_seeded_sessions_one_at_a_time_and_replay_comparison(server):  # noqa: F
     changed = [together[0], e2e.AlignmentRecord(together[1].sequence[:-1] + [together[1].sequence[-1] + 1],
                                                 together[1].generated, "/m")]
     assert e2e.replay_differences(together, changed)["sessions_that_differ"] == [1]
+
+
+def test_sampled_sessions_must_not_be_negative():
+    assert e2e.non_negative_int("0") == 0 and e2e.non_negative_int("4") == 4
+    with pytest.raises(argparse.ArgumentTypeError, match="-1 is negative; pass 0 to skip"):
+        e2e.non_negative_int("-1")
