@@ -61,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+from microturn_kernels.fixed_order_dot import fixed_order_dot
+
 # Stated tolerance vs an fp32 reference for bf16 inputs of magnitude O(1) (precision contract above).
 BF16_TOLERANCE = {"atol": 2e-2, "rtol": 2e-2}
 
@@ -72,9 +74,9 @@ _LOG2E = 1.4426950408889634
 # 32 over 1k keys 1.8x slower (65k programs, 1k of them with work).
 _PROGRAMS_PER_SM = 64
 
-# Triton 3.6's interpreter (TRITON_INTERPRET=1, CPU tests) mis-reads bf16 operands of tl.dot; there the dot
-# operands are widened to fp32 first, which is exact (bf16 -> fp32) and keeps fp32 accumulation. Compiled
-# kernels feed bf16 to the tensor cores.
+# Interpreted (TRITON_INTERPRET=1, CPU tests), tile products run as fixed_order_dot: tl.dot there is the CPU's
+# BLAS, whose bits for a row depend on its slot in the tile (fixed_order_dot.py). Compiled kernels feed bf16
+# to the tensor cores.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -156,7 +158,7 @@ def _split_partials_kernel(
     BLOCK_D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr,  # interpreter only (see _INTERPRET)
+    FIXED_ORDER_DOT: tl.constexpr,  # interpreter only (see _INTERPRET)
 ):
     pid_tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -210,8 +212,8 @@ def _split_partials_kernel(
                     mask=in_kv[None, :] & (offs_d[:, None] < D),
                     other=0.0,
                 )  # [D, BLOCK_N]
-                if DOT_F32:
-                    qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
+                if FIXED_ORDER_DOT:
+                    qk = fixed_order_dot(q, k)
                 else:
                     qk = tl.dot(q, k)
                 qk = qk * sm_scale_log2  # [M, BLOCK_N], log2 domain
@@ -231,8 +233,8 @@ def _split_partials_kernel(
                     other=0.0,
                 )  # [BLOCK_N, DV]
                 acc = acc * alpha[:, None]
-                if DOT_F32:
-                    acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+                if FIXED_ORDER_DOT:
+                    acc = acc + fixed_order_dot(p.to(v.dtype), v)
                 else:
                     acc = tl.dot(p.to(v.dtype), v, acc)
                 m_i = m_new
@@ -410,7 +412,7 @@ def aligned_extend(
         BLOCK_D=triton.next_power_of_2(D),
         DV=DV,
         BLOCK_DV=triton.next_power_of_2(DV),
-        DOT_F32=_INTERPRET,
+        FIXED_ORDER_DOT=_INTERPRET,
     )
     for chunk_lo in range(0, max_qo_len, chunk):
         _split_partials_kernel[(B * tiles_per_req, KH, split_progs)](

@@ -37,12 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
+from microturn_kernels.fixed_order_dot import fixed_order_dot
 from microturn_kernels.rounding import to_bf16
 
 BF16_TOLERANCE = {"rtol": 2.0**-7, "atol_scale": 2.0**-7}  # atol = atol_scale * max|reference|
 
-# Triton 3.6's interpreter mis-reads bf16 tl.dot operands (see aligned_attention.py): widen them to fp32 there,
-# which is exact and keeps fp32 accumulation.
+# Interpreted (TRITON_INTERPRET=1, the CPU tests), the tile product is fixed_order_dot: tl.dot there is the
+# CPU's BLAS, whose bits for a row depend on the row's slot in the tile (see fixed_order_dot.py).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -84,7 +85,7 @@ def _matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     OUT_BF16: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    FIXED_ORDER_DOT: tl.constexpr,  # interpreter only (see _INTERPRET)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -99,8 +100,8 @@ def _matmul_kernel(
         k_ok = k < K
         a = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         b = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        if FIXED_ORDER_DOT:
+            acc = acc + fixed_order_dot(a, b)
         else:
             acc = tl.dot(a, b, acc)
     out = Y + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
@@ -133,7 +134,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bflo
     _matmul_kernel[grid](
         x, w, y, M, x.stride(0), w.stride(0), y.stride(0), N=N, K=K,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        OUT_BF16=out_dtype == torch.bfloat16, DOT_F32=_INTERPRET,
+        OUT_BF16=out_dtype == torch.bfloat16, FIXED_ORDER_DOT=_INTERPRET,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return y
