@@ -27,10 +27,17 @@ def require_patches() -> str:
 
 def _installers():
     """Our pieces, in install order. Each returns a short description of what it registered."""
-    from sglang_microturn import aligned_attention_backend, http_api, model_registry, moe_dispatch, stall_log
+    from sglang_microturn import (
+        aligned_attention_backend,
+        http_api,
+        model_registry,
+        moe_dispatch,
+        scheduler_cohort,
+        stall_log,
+    )
 
     return [require_patches, http_api.install, model_registry.install, aligned_attention_backend.install,
-            moe_dispatch.install, stall_log.install]
+            moe_dispatch.install, scheduler_cohort.install, stall_log.install]
 
 
 def register() -> None:
