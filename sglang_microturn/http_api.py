@@ -385,17 +385,22 @@ def add_routes(app, backend: Callable[[], Backend] = _sglang_backend) -> MicroTu
     return api
 
 
-def _before_http_launch(*args, **kwargs):
-    from sglang.srt.entrypoints import http_server
-
-    add_routes(http_server.app)
-
-
 def install() -> str:
-    """Register the routes (HTTP server process only: scheduler processes serve no HTTP)."""
+    """Register the routes and the warm-up that drives them (HTTP server process only: scheduler processes
+    serve no HTTP)."""
     if multiprocessing.parent_process() is not None:
         return "microturn API (HTTP process only)"
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _before_http_launch, HookType.BEFORE)
-    return f"HTTP API {PREFIX}/{{open,append,close,sessions}}"
+    from sglang_microturn import realtime_warmup
+
+    api = MicroTurnAPI(_sglang_backend)  # the backend resolves on first use, once SGLang has built it
+
+    def before_http_launch(*args, **kwargs):
+        from sglang.srt.entrypoints import http_server
+
+        http_server.app.include_router(build_router(api))
+
+    warmup = realtime_warmup.install(lambda: api)  # before registering: a bad setting registers nothing
+    HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", before_http_launch, HookType.BEFORE)
+    return f"HTTP API {PREFIX}/{{open,append,close,sessions}}; {warmup}"

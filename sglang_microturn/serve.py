@@ -20,6 +20,7 @@ MICROTURN_DEFAULTS: tuple[tuple[str, str | None, str], ...] = (
     ("--attention-backend", "triton", "our attention kernels extend SGLang's Triton backend"),
     ("--sampling-backend", "pytorch", "seeded, batch-invariant sampling"),
     ("--schedule-policy", "fcfs", "lpm rebuilds every waiting session's whole history each iteration"),
+    ("--warmups", "microturn", "run the micro-turn batch shapes once (kernels compile) before /health is green"),
 )
 
 
