@@ -10,7 +10,8 @@ The plan (`warmup_plan`) drives groups of concurrent sessions through the micro-
 forms the batches live traffic forms: for each group size (1 through `MICROTURN_WARMUP_SESSIONS`, taking every
 specialisation class: 1, 2, 3, multiples of 16 and their neighbours), rounds where every session speaks
 (16 tokens: prefill then decode at that batch size), listens (1 token) or only listens (0 tokens: prefill
-only), with chunk lengths that cycle through the same classes. Sessions are closed at the end; nothing stays.
+only), with chunk lengths that cycle through the same classes. Sessions are closed at the end and the radix
+cache is flushed: nothing of the warm-up stays.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 NAME = "microturn"
 ENV_SESSIONS = "MICROTURN_WARMUP_SESSIONS"
 DEFAULT_SESSIONS = 64
+FLUSH_TIMEOUT_S = 10.0  # the scheduler flushes once the closed sessions are released
 # Chunk lengths: the default micro-turn block (97 ids + the opener) and each integer-specialisation class.
 CHUNKS = (98, 97, 1, 16, 17, 128, 2, 31)
 BUDGETS = (16, 1, 0)  # speak (decode at the group's batch size), listen, listen only (prefill only)
@@ -105,6 +107,10 @@ def install(api_factory) -> str:
         api = api_factory()
         rounds = warmup_plan(n)
         done = await run(api, rounds, tokenizer_manager.model_config.vocab_size)
-        logger.info("microturn warm-up: %d rounds, %d appends, groups up to %d sessions", len(rounds), done, n)
+        # The sessions' first chunks sit in the radix cache (evictable); flush them so the first user's
+        # prompt is not served a prefix of warm-up ids.
+        flushed = await tokenizer_manager.flush_cache(timeout_s=FLUSH_TIMEOUT_S)
+        logger.info("microturn warm-up: %d rounds, %d appends, groups up to %d sessions; cache flushed: %s",
+                    len(rounds), done, n, getattr(flushed, "success", flushed))
 
     return f"warm-up {NAME!r} (up to {n} sessions)"

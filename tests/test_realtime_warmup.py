@@ -78,9 +78,16 @@ def test_install_registers_with_sglangs_warmups(monkeypatch):
     monkeypatch.setenv(ENV_SESSIONS, "4")
     api = FakeAPI()
     assert "up to 4 sessions" in realtime_warmup.install(lambda: api)
-    tm = SimpleNamespace(model_config=SimpleNamespace(vocab_size=500))
+    flushes = []
+
+    async def flush_cache(timeout_s=None):
+        flushes.append(len(api.closed))
+        return SimpleNamespace(success=True)
+
+    tm = SimpleNamespace(model_config=SimpleNamespace(vocab_size=500), flush_cache=flush_cache)
     asyncio.run(warmup.execute_warmups("null", [NAME], tm))
     assert len(api.appends) == sum(r.sessions for r in warmup_plan(4)) and len(api.closed) == 4
+    assert flushes == [4]  # the radix cache is flushed after every session closed
 
 
 def test_bad_setting_registers_nothing():
