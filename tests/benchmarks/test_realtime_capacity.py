@@ -256,6 +256,7 @@ class StandIn:
 
 @pytest.fixture
 def stand_in(tmp_path):
+    (tmp_path / "server.log").write_text("[stand-in] up\n")  # a server's log exists from its start
     server = StandIn(tmp_path / "server.log")
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(server.app())
