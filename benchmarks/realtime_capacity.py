@@ -23,9 +23,13 @@ checkpoint without its shared expert, so that upstream serves the same weights a
   ours      `sglang-microturn serve` with its defaults (+ --ours-flags): /microturn/open with a deadline, then
             /microturn/append with expected_length; its per-session deadline counts (GET
             /microturn/sessions/<id>, field `deadline`) are summed per level as server_misses / server_turns
-            (they include the warm-up turns); Triton compiles and long GC pauses come from its stall log
+            (measured from the append's receipt, so a lower bound of the client's misses, and over the
+            warm-up turns too); Triton compiles and long GC pauses come from its stall log
   upstream  unpatched SGLang 0.5.17 (`python -m sglang.launch_server`, no plugin, Triton attention, pytorch
-            sampling, + --upstream-flags): /open_session + /generate with session_params
+            sampling, + --upstream-flags): /open_session + /generate with session_params. Our patches are
+            reverted in the installed SGLang while it runs and re-applied after it stops (--upstream-sglang
+            installed keeps them); a run killed meanwhile leaves SGLang pristine, and `serve` then refuses to
+            start with one line naming the fix (`sglang-microturn patch apply`)
 Before its levels, each server first runs a "fresh server" check: --fresh-sessions (16) sessions for
 --fresh-seconds (10), nothing excluded as warm-up (what the first users of a just-started server get).
 GPU busy ratio: mean of nvidia-smi's utilization.gpu over the level / 100 (null without nvidia-smi).
@@ -68,7 +72,7 @@ from tqdm import tqdm
 
 from benchmarks.microturn_latency import stalls_between
 from benchmarks.run_record import write_result
-from sglang_microturn import stall_log
+from sglang_microturn import patching, stall_log
 from sglang_microturn.checkpoints import ensure_checkpoint, preset
 from sglang_microturn.server_process import ServerProcess
 
@@ -518,6 +522,7 @@ class Server:
     started_here: bool
     argv: list[str] | None = None
     startup_s: float | None = None
+    sglang_patches: dict[str, str] | None = None  # each of our patches' state in SGLang while it ran
     shutdown: dict | None = None
 
 
@@ -549,6 +554,22 @@ def server_command(name: str, args, model: str) -> tuple[list[str], dict]:
             dict(os.environ, SGLANG_PLUGINS="none-upstream-baseline"))  # a plugin name that loads none, ours included
 
 
+def patch_states(target: patching.PatchTarget, patches: list[patching.Patch]) -> dict[str, str]:
+    return {p.name: patching.state(p, target).value for p in patches}
+
+
+@contextlib.contextmanager
+def pristine_sglang(target: patching.PatchTarget, patches: list[patching.Patch]) -> Iterator[None]:
+    """SGLang as shipped inside the block: reverts those of our patches that are applied (last first, as a later
+    patch may build on an earlier one's lines) and re-applies exactly those afterwards."""
+    reverted = [p for p in reversed(patches) if patching.revert(p, target) is patching.PatchState.APPLIED]
+    try:
+        yield
+    finally:
+        for p in reversed(reverted):
+            patching.apply(p, target)
+
+
 @contextlib.contextmanager
 def serving(name: str, args) -> Iterator[Server]:
     """Server `name`: the running one given by --url-<name>, else one started fresh and stopped after."""
@@ -558,9 +579,13 @@ def serving(name: str, args) -> Iterator[Server]:
         return
     argv, env = server_command(name, args, str(ensure_checkpoint(model_spec(args.preset))))
     log_path = os.path.join(args.log_dir, f"realtime_capacity_server_{name}.log")
-    with ServerProcess(argv, args.port, log_path, env=env) as proc:
-        server = Server(name, proc.url, log_path if name == "ours" else None, True, argv, round(proc.startup_s, 1))
-        yield server
+    target, patches = patching.installed_sglang(), patching.load_patches()
+    pristine = name == "upstream" and args.upstream_sglang == "pristine"
+    with pristine_sglang(target, patches) if pristine else contextlib.nullcontext():
+        with ServerProcess(argv, args.port, log_path, env=env) as proc:
+            server = Server(name, proc.url, log_path if name == "ours" else None, True, argv,
+                            round(proc.startup_s, 1), patch_states(target, patches))
+            yield server
     server.shutdown = proc.shutdown
 
 
@@ -685,6 +710,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transport", choices=["http", "ws"], default="http")
     p.add_argument("--ours-flags", default="", help="extra flags for `sglang-microturn serve`, one string")
     p.add_argument("--upstream-flags", default="", help="extra flags for upstream's launch_server, one string")
+    p.add_argument("--upstream-sglang", choices=["pristine", "installed"], default="pristine",
+                   help="pristine: revert our patches in SGLang while upstream runs; installed: leave SGLang as it is")
     p.add_argument("--url-ours", help="use this running server as ours instead of starting one")
     p.add_argument("--url-upstream", help="use this running server as upstream instead of starting one")
     p.add_argument("--server-log-ours", help="with --url-ours: that server's log, to read its stall lines")

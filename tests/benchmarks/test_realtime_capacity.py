@@ -148,6 +148,31 @@ def test_gpu_busy_ratio_is_the_mean_of_nvidia_smi_samples(tmp_path, monkeypatch)
     assert rc.gpu_busy_ratio(now, now + 0.05) is None
 
 
+def test_upstream_runs_on_pristine_sglang_and_exactly_the_reverted_patches_come_back(tmp_path):
+    # A private copy of the files our patches touch: the real install is what concurrent tests run on.
+    from sglang_microturn import patching
+
+    installed, patches = patching.installed_sglang(), patching.load_patches()
+    copy = patching.PatchTarget(tmp_path, installed.version)
+    for rel in {fp.path for p in patches for fp in p.files}:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(patching.pristine_source(rel, installed, patches))
+    for patch in patches[:-1]:  # the last one stays off: it must still be off afterwards
+        patching.apply(patch, copy)
+    files = sorted(tmp_path.rglob("*.py"))
+    before = {f: f.read_bytes() for f in files}
+    states = rc.patch_states(copy, patches)
+    assert list(states.values()) == ["applied"] * (len(patches) - 1) + ["not applied"]
+    with rc.pristine_sglang(copy, patches):
+        assert set(rc.patch_states(copy, patches).values()) == {"not applied"}
+        assert all(f.read_text() == patching.pristine_source(str(f.relative_to(tmp_path)), copy, patches)
+                   for f in files)
+    assert rc.patch_states(copy, patches) == states and {f: f.read_bytes() for f in files} == before
+    with pytest.raises(KeyboardInterrupt), rc.pristine_sglang(copy, patches):
+        raise KeyboardInterrupt  # an interrupted level still puts the patches back
+    assert rc.patch_states(copy, patches) == states
+
+
 # ------------------------------------------------------------------------------------------ stand-in server
 
 
