@@ -33,9 +33,12 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from sglang_microturn.realtime_admission import AdmissionGuard, AdmissionRefused, settings_from_env
+from sglang_microturn.realtime_deadlines import DuplexMetrics
 from sglang_microturn.session_registry import (
     BadRequest,
     MicroTurnError,
+    OverCapacity,
     SessionGone,
     SessionOptions,
     SessionRegistry,
@@ -47,6 +50,7 @@ PREFIX = "/microturn"
 ENV_KV_TOKENS = "MICROTURN_SESSION_KV_TOKENS"  # KV budget for all sessions, in tokens
 ENV_KV_FRACTION = "MICROTURN_SESSION_KV_FRACTION"  # ... or this fraction of SGLang's KV pool (default 0.9)
 ENV_MAX_CHUNK = "MICROTURN_MAX_CHUNK_TOKENS"  # largest input block of one micro-turn (default 512)
+ENV_DEADLINE_MS = "MICROTURN_DEADLINE_MS"  # default micro-turn deadline of a session (default 200)
 # SGLang's own idle timeout for our sessions: a backstop that frees KV if no API call sweeps (we close expired
 # sessions ourselves on the next call); later than ours, so the scheduler never drops a session we show open.
 SCHEDULER_TIMEOUT_GRACE_S = 30.0
@@ -123,7 +127,24 @@ def _non_negative(value, name: str):
     return value
 
 
-def parse_open(body: dict, vocab_size: int) -> SessionOptions:
+def default_deadline_ms() -> float:
+    raw = os.environ.get(ENV_DEADLINE_MS, "200")
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not 0 < ms <= MAX_DEADLINE_MS:
+        raise ValueError(f"{ENV_DEADLINE_MS}={raw!r}: want milliseconds in (0, {MAX_DEADLINE_MS}]")
+    return ms
+
+
+MAX_DEADLINE_MS = 60_000
+
+
+def parse_open(body: dict, vocab_size: int, deadline_ms: float = 200.0) -> SessionOptions:
+    deadline_ms = _field(body, "deadline_ms", (int, float), default=deadline_ms)
+    if not 0 < deadline_ms <= MAX_DEADLINE_MS:
+        raise BadRequest(f"field 'deadline_ms' must be in (0, {MAX_DEADLINE_MS}] milliseconds, got {deadline_ms}")
     options = SessionOptions(
         output_budget=_non_negative(_field(body, "output_budget", int, default=SessionOptions.output_budget),
                                     "output_budget"),
@@ -132,6 +153,7 @@ def parse_open(body: dict, vocab_size: int) -> SessionOptions:
         temperature=float(_non_negative(_field(body, "temperature", (int, float), default=0.0), "temperature")),
         ignore_eos=_field(body, "ignore_eos", bool, default=False),
         seed=_non_negative(_field(body, "seed", int), "seed"),
+        deadline_s=deadline_ms / 1e3,
     )
     if options.seed is not None and options.seed >= 1 << 63:
         raise BadRequest(f"field 'seed' must be < 2**63 (SGLang keeps seeds as int64), got {options.seed}")
@@ -154,12 +176,21 @@ class MicroTurnAPI:
         self._backend_factory = backend
         self._backend: Backend | None = None
         self._registry: SessionRegistry | None = None
+        self._metrics: DuplexMetrics | None = None
+        self.admission = AdmissionGuard(settings_from_env())
+        self.deadline_ms = default_deadline_ms()
 
     @property
     def backend(self) -> Backend:
         if self._backend is None:
             self._backend = self._backend_factory()
         return self._backend
+
+    @property
+    def metrics(self) -> DuplexMetrics:
+        if self._metrics is None:
+            self._metrics = DuplexMetrics(bool(getattr(self.backend.tokenizer_manager, "enable_metrics", False)))
+        return self._metrics
 
     @property
     def registry(self) -> SessionRegistry:
@@ -177,7 +208,11 @@ class MicroTurnAPI:
     async def open(self, body: dict) -> dict:
         from sglang.srt.managers.io_struct import OpenSessionReqInput
 
-        options = parse_open(body, self.registry.vocab_size)
+        options = parse_open(body, self.registry.vocab_size, self.deadline_ms)
+        try:
+            self.admission.check_open(time.monotonic(), self.registry.open_sessions)
+        except AdmissionRefused as e:
+            raise OverCapacity(e.message, e.retry_after_s) from None
         timeout = None if options.idle_timeout_s is None else options.idle_timeout_s + SCHEDULER_TIMEOUT_GRACE_S
         session = self.registry.open(options)
         try:
@@ -223,6 +258,11 @@ class MicroTurnAPI:
             raise MicroTurnError(f"append aborted by the server: {message}")
         output_ids = list(final.get("output_ids") or [])
         self.registry.commit(session, input_ids, output_ids)
+        done = time.time()
+        latency = done - received
+        lateness, change = session.deadline.record(latency)
+        self.admission.observe(time.monotonic(), latency, session.deadline.deadline_s)
+        self.metrics.observe(latency, lateness, change)
         server_len = meta["prompt_tokens"] + meta["completion_tokens"]
         if server_len != len(session.tokens):
             logger.error("microturn session %s: server length %d != committed %d", session_id, server_len,
@@ -239,7 +279,7 @@ class MicroTurnAPI:
             # scheduler time stats), else null.
             "timestamps": {"received": received, "scheduled": meta.get("forward_entry_time"),
                            "first_token": meta.get("prefill_finished_time") if output_ids else None,
-                           "done": time.time()},
+                           "done": done},
         }
         if return_logprob:
             out["output_logprobs"] = [lp[0] for lp in meta.get("output_token_logprobs") or []]
@@ -314,8 +354,8 @@ class MicroTurnAPI:
 def build_router(api: MicroTurnAPI) -> APIRouter:
     router = APIRouter(prefix=PREFIX)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"code": status, "message": message}}, status_code=status)
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"code": status, "message": message}}, status_code=status, headers=headers)
 
     async def json_body(request: Request) -> dict:
         try:
@@ -330,6 +370,8 @@ def build_router(api: MicroTurnAPI) -> APIRouter:
         try:
             await api.sweep()
             return JSONResponse(await handler(*args))
+        except OverCapacity as e:
+            return error(e.status, e.message, {"Retry-After": str(e.retry_after_s)})
         except MicroTurnError as e:
             return error(e.status, e.message)
         except ValueError as e:  # SGLang's own request validation (e.g. context length)
@@ -394,7 +436,10 @@ def install() -> str:
 
     from sglang_microturn import realtime_warmup
 
-    api = MicroTurnAPI(_sglang_backend)  # the backend resolves on first use, once SGLang has built it
+    try:
+        api = MicroTurnAPI(_sglang_backend)  # the backend resolves on first use, once SGLang has built it
+    except ValueError as e:  # a bad setting; SystemExit because SGLang's plugin loader only logs exceptions
+        raise SystemExit(f"sglang-microturn: {e}") from None
 
     def before_http_launch(*args, **kwargs):
         from sglang.srt.entrypoints import http_server

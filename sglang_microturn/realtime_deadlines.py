@@ -32,18 +32,20 @@ class DeadlineStats:
     jitter_s: float = 0.0
     _last_latency_s: float | None = field(default=None, repr=False)
 
-    def record(self, latency_s: float) -> float:
-        """Count one turn; returns its lateness (0 when in time)."""
+    def record(self, latency_s: float) -> tuple[float, float | None]:
+        """Count one turn; returns (its lateness, 0 when in time; |latency change| since the session's previous
+        turn, None for its first)."""
         self.turns += 1
         late = max(0.0, latency_s - self.deadline_s)
         if late > 0:
             self.misses += 1
             self.lateness_total_s += late
             self.lateness_max_s = max(self.lateness_max_s, late)
-        if self._last_latency_s is not None:
-            self.jitter_s += (abs(latency_s - self._last_latency_s) - self.jitter_s) / 16
+        change = None if self._last_latency_s is None else abs(latency_s - self._last_latency_s)
+        if change is not None:
+            self.jitter_s += (change - self.jitter_s) / 16
         self._last_latency_s = latency_s
-        return late
+        return late, change
 
     def describe(self) -> dict:
         return {

@@ -107,6 +107,7 @@ def install(api_factory) -> str:
         api = api_factory()
         rounds = warmup_plan(n)
         done = await run(api, rounds, tokenizer_manager.model_config.vocab_size)
+        api.admission.forget()  # warm-up bursts say nothing of what live sessions will see
         # The sessions' first chunks sit in the radix cache (evictable); flush them so the first user's
         # prompt is not served a prefix of warm-up ids.
         flushed = await tokenizer_manager.flush_cache(timeout_s=FLUSH_TIMEOUT_S)

@@ -16,6 +16,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from sglang_microturn.realtime_deadlines import DeadlineStats
+
 
 class MicroTurnError(Exception):
     """An API error: HTTP status + message naming what was wrong."""
@@ -53,6 +55,16 @@ class OverBudget(MicroTurnError):
     status = 429
 
 
+class OverCapacity(MicroTurnError):
+    """A new session would take the server past what it serves in time (realtime_admission)."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class SessionState(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
@@ -69,6 +81,8 @@ class SessionOptions:
     # Sampling seed (temperature > 0): the sampled token depends only on (seed, position, probabilities), so
     # a seeded session replays the same tokens whatever it shares batches with (SGLang patch 0005).
     seed: int | None = None
+    # A micro-turn's output is due this long after its append arrived (realtime_deadlines).
+    deadline_s: float = 0.2
 
 
 @dataclass
@@ -81,6 +95,10 @@ class MicroTurnSession:
     appends: int = 0
     last_activity: float = field(default_factory=time.monotonic)
     last_activity_unix: float = field(default_factory=time.time)
+    deadline: DeadlineStats = field(init=False)
+
+    def __post_init__(self):
+        self.deadline = DeadlineStats(self.options.deadline_s)
 
     @property
     def in_flight(self) -> bool:
@@ -98,6 +116,7 @@ class MicroTurnSession:
             "appends": self.appends,
             "in_flight": self.in_flight,
             "last_activity": self.last_activity_unix,
+            "deadline": self.deadline.describe(),
         }
         if with_tokens:
             out["tokens"] = list(self.tokens)
@@ -118,6 +137,7 @@ class SessionRegistry:
         self.bos_id = bos_id
         self.sessions: dict[str, MicroTurnSession] = {}
         self._used = 0  # sum over open sessions of footprint(); kept incrementally
+        self.open_sessions = 0
         self._last_sweep = 0.0
         self.sweep_interval_s = 1.0  # idle expiry is checked at most this often (it walks all sessions)
 
@@ -147,6 +167,7 @@ class SessionRegistry:
         self._admit(headroom, "opening a session")
         session = MicroTurnSession(secrets.token_hex(16), options)  # 128 random bits: unguessable
         self.sessions[session.session_id] = session
+        self.open_sessions += 1
         return session
 
     def get(self, session_id: str) -> MicroTurnSession:
@@ -208,6 +229,7 @@ class SessionRegistry:
 
     def _retire(self, session: MicroTurnSession, state: SessionState) -> None:
         self._used -= self._footprint(session)
+        self.open_sessions -= 1
         session.state = state
 
     def sweep_idle(self, now: float | None = None) -> list[MicroTurnSession]:

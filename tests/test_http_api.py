@@ -195,7 +195,8 @@ def test_malformed_bodies(client, tm, raw, message):
     [({"output_budget": -2}, "must be >= 0"), ({"stop_ids": [VOCAB + 5]}, "stop id"),
      ({"idle_timeout": 0}, "must be > 0"), ({"idle_timeout": "soon"}, "must be an integer or a number"),
      ({"seed": -1}, "'seed' must be >= 0"), ({"seed": 1 << 63}, "'seed' must be < 2**63"),
-     ({"seed": "7"}, "'seed' must be an integer")],
+     ({"seed": "7"}, "'seed' must be an integer"), ({"deadline_ms": 0}, "'deadline_ms' must be in (0, 60000]"),
+     ({"deadline_ms": 1e9}, "'deadline_ms' must be in"), ({"deadline_ms": "fast"}, "'deadline_ms' must be")],
 )
 def test_bad_open_options(client, tm, options, message):
     r = client.post("/microturn/open", json=options)
@@ -309,3 +310,48 @@ def test_expected_length_precondition(client, tm):
     assert r.status_code == 412 and "has 2 committed tokens, not the expected 0" in r.json()["error"]["message"]
     assert state(client, sid)["length"] == 2 == tm.lengths[sid]
     assert append(client, sid, [6], expected_length=2).json()["committed_length"] == 4
+
+
+def test_each_turn_counts_against_the_session_deadline(client, tm):
+    sid, other = open_session(client, deadline_ms=50), open_session(client)
+    assert state(client, other)["deadline"]["deadline_ms"] == 200.0  # MICROTURN_DEADLINE_MS
+    assert append(client, sid, [1, 2]).status_code == 200
+    d = state(client, sid)["deadline"]
+    assert (d["deadline_ms"], d["turns"], d["misses"]) == (50.0, 1, 0)
+    tm.hold = threading.Event()
+    threading.Timer(0.15, tm.hold.set).start()  # the turn is held ~150 ms: a miss of tens of ms
+    assert append(client, sid, [3]).status_code == 200
+    d = state(client, sid)["deadline"]
+    assert (d["turns"], d["misses"]) == (2, 1) and d["lateness_ms_max"] > 20 and d["jitter_ms"] > 0
+
+
+def test_open_past_real_time_capacity_is_429_with_retry_after_and_opens_nothing(monkeypatch, tm):
+    monkeypatch.setenv("MICROTURN_ADMIT_P99_FRACTION", "0.5")
+    api = MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))
+    client = TestClient(app_for(api))
+    live = open_session(client, deadline_ms=50)
+    tm.hold = threading.Event()
+    threading.Timer(0.05, tm.hold.set).start()  # the live session's turn takes its whole deadline
+    assert append(client, live, [1, 2]).status_code == 200
+    r = client.post("/microturn/open", json={})
+    assert r.status_code == 429 and r.headers["Retry-After"] == "2"
+    assert "real-time capacity" in r.json()["error"]["message"]
+    assert list(tm.lengths) == [live] and api.registry.open_sessions == 1  # nothing opened, here or in SGLang
+    assert append(client, live, [3]).status_code == 200  # a live session is never cut off
+
+
+def test_fixed_session_ceiling(monkeypatch, tm):
+    monkeypatch.setenv("MICROTURN_MAX_LIVE_SESSIONS", "1")
+    client = TestClient(app_for(MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))))
+    first = open_session(client)
+    assert client.post("/microturn/open", json={}).status_code == 429
+    client.post("/microturn/close", json={"session_id": first})
+    open_session(client)  # a closed session frees its place
+
+
+@pytest.mark.parametrize("name, value", [("MICROTURN_ADMIT_P99_FRACTION", "-1"), ("MICROTURN_MAX_LIVE_SESSIONS", "2.5"),
+                                         ("MICROTURN_ADMIT_WINDOW_S", "soon"), ("MICROTURN_DEADLINE_MS", "0")])
+def test_bad_realtime_settings_are_refused(monkeypatch, tm, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}='{value}'"):
+        MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))

@@ -8,10 +8,11 @@ from sglang_microturn.realtime_deadlines import DeadlineStats, DuplexMetrics
 
 def test_stats_count_misses_lateness_and_jitter():
     stats = DeadlineStats(deadline_s=0.2)
-    assert stats.record(0.05) == 0.0
-    assert stats.record(0.25) == pytest.approx(0.05)
-    assert stats.record(0.2) == 0.0  # exactly on time is in time
-    assert stats.record(0.5) == pytest.approx(0.3)
+    assert stats.record(0.05) == (0.0, None)
+    late, change = stats.record(0.25)
+    assert late == pytest.approx(0.05) and change == pytest.approx(0.2)
+    assert stats.record(0.2)[0] == 0.0  # exactly on time is in time
+    assert stats.record(0.5)[0] == pytest.approx(0.3)
     d = stats.describe()
     assert (d["turns"], d["misses"], d["deadline_ms"]) == (4, 2, 200.0)
     assert d["lateness_ms_mean"] == pytest.approx(175.0) and d["lateness_ms_max"] == pytest.approx(300.0)

@@ -36,6 +36,7 @@ class FakeAPI:
     def __init__(self, fail_at: int | None = None):
         self.open_ids, self.closed, self.appends, self.fail_at = [], [], [], fail_at
         self.in_flight = self.max_in_flight = 0
+        self.admission = SimpleNamespace(forget=lambda: self.appends.append("forgot"))
 
     async def open(self, body):
         sid = f"s{len(self.open_ids)}"
@@ -86,6 +87,7 @@ def test_install_registers_with_sglangs_warmups(monkeypatch):
 
     tm = SimpleNamespace(model_config=SimpleNamespace(vocab_size=500), flush_cache=flush_cache)
     asyncio.run(warmup.execute_warmups("null", [NAME], tm))
+    assert api.appends.pop() == "forgot"  # the admission guard forgets the warm-up's turns
     assert len(api.appends) == sum(r.sessions for r in warmup_plan(4)) and len(api.closed) == 4
     assert flushes == [4]  # the radix cache is flushed after every session closed
 
