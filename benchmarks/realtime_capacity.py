@@ -654,11 +654,12 @@ def plot(result_path: str | os.PathLike) -> Path | None:
     lat.set(xlabel="sessions", ylabel="p99 latency (ms)", yscale="log", title="p99 latency")
     miss.set(xlabel="sessions", ylabel="missed turns (%)", title="miss rate")
     miss.set_yscale("symlog", linthresh=0.01)  # 0 %, the 0.1 % threshold and 60 % all readable on one axis
+    miss.set_ylim(bottom=0)
     for ax in (lat, miss):
         ax.legend()
         ax.grid(alpha=0.3)
     knobs = result["workload"]
-    fig.suptitle(f"real-time capacity, {result['card']}, preset {knobs['preset']}, {knobs['period_ms']} ms "
+    fig.suptitle(f"real-time capacity, {result['card']}, preset {knobs['preset']}, {knobs['period_ms']:g} ms "
                  f"micro-turns, {knobs['chunk']} in / {knobs['speak_tokens']} or {knobs['listen_tokens']} out")
     fig.tight_layout()
     png = Path(result_path).with_suffix(".png")
