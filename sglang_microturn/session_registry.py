@@ -256,8 +256,8 @@ class SessionRegistry:
         if len(input_ids) > self.max_chunk_tokens:
             raise BadRequest(f"chunk of {len(input_ids)} tokens exceeds the {self.max_chunk_tokens}-token limit "
                              "per micro-turn (MICROTURN_MAX_CHUNK_TOKENS)")
-        bad = next((t for t in input_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
+        if min(input_ids) < 0 or max(input_ids) >= self.vocab_size:  # C loops: this runs on every append
+            bad = next(t for t in input_ids if not 0 <= t < self.vocab_size)
             raise BadRequest(f"input id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if session.tokens and self.bos_id is not None and input_ids[0] == self.bos_id:
             raise BadRequest(f"chunk starts with the BOS id {self.bos_id}, which SGLang drops from appended turns; "

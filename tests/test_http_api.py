@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from sglang_microturn.http_api import Backend, MicroTurnAPI, build_router
+from sglang_microturn.http_api import Backend, MicroTurnAPI, mount
 
 VOCAB = 1000
 BOS = 0
@@ -90,7 +90,7 @@ def api(tm, monkeypatch):
 
 def app_for(api):
     app = FastAPI()
-    app.include_router(build_router(api))
+    mount(app, api)
     return app
 
 
@@ -355,3 +355,32 @@ def test_bad_realtime_settings_are_refused(monkeypatch, tm, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"{name}='{value}'"):
         MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))
+
+
+def test_the_front_serves_microturn_before_the_apps_routes_and_passes_the_rest_on(api):
+    app = FastAPI()
+
+    @app.api_route("/{anything:path}", methods=["GET", "POST"])
+    def catch_all(anything: str):  # would shadow /microturn if our routes sat in the app's table
+        return {"app": anything}
+
+    mount(app, api)
+    client = TestClient(app)
+    assert client.post("/microturn/open", json={}).json()["session_id"]
+    assert client.get("/generate").json() == {"app": "generate"}
+    assert client.get("/microturnx/open").json() == {"app": "microturnx/open"}
+
+
+def test_the_front_answers_unknown_routes_and_methods_in_the_error_shape(client):
+    r = client.post("/microturn/nope", json={})
+    assert r.status_code == 404 and "/microturn/nope" in r.json()["error"]["message"]
+    r = client.get("/microturn/append")
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+
+
+def test_a_non_integer_id_is_named(client):
+    sid = open_session(client)
+    for bad in ([1, True], [1, 2.0], [1, "3"]):
+        r = append(client, sid, bad)
+        assert r.status_code == 400 and repr(bad[1]) in r.json()["error"]["message"], r.text
+    assert state(client, sid)["length"] == 0

@@ -85,11 +85,14 @@ def test_install_registers_with_sglangs_warmups(monkeypatch):
         flushes.append(len(api.closed))
         return SimpleNamespace(success=True)
 
-    tm = SimpleNamespace(model_config=SimpleNamespace(vocab_size=500), flush_cache=flush_cache)
+    async def freeze_gc():
+        flushes.append("frozen")
+
+    tm = SimpleNamespace(model_config=SimpleNamespace(vocab_size=500), flush_cache=flush_cache, freeze_gc=freeze_gc)
     asyncio.run(warmup.execute_warmups("null", [NAME], tm))
     assert api.appends.pop() == "forgot"  # the admission guard forgets the warm-up's turns
     assert len(api.appends) == sum(r.sessions for r in warmup_plan(4)) and len(api.closed) == 4
-    assert flushes == [4]  # the radix cache is flushed after every session closed
+    assert flushes == [4, "frozen"]  # the radix cache is flushed after every session closed, then heaps frozen
 
 
 def test_bad_setting_registers_nothing():
