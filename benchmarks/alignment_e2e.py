@@ -4,8 +4,8 @@
    concurrent micro-turn sessions of --turns turns each through the /microturn API (layout micro-turns as in
    model_alignment_check.py: pad fill + input block with dMel audio / text + <|out|>, then out_budget = 16
    generated tokens, greedy, ignore_eos so every turn samples its full budget, return_logprob). Every
-   session becomes an alignment record (sglang_microturn/alignment_record.py, saved under --log-dir/records)
-   and is re-scored the two ways `sglang-microturn align` does (sglang_microturn/align.py):
+   session becomes an alignment record (sglang_microturn/alignment/record.py, saved under --log-dir/records)
+   and is re-scored the two ways `sglang-microturn align` does (sglang_microturn/alignment/align.py):
      server     one prefill of the whole session on the same server (/generate, logprob_start_len 0)
      reference  the PyTorch reference in aligned mode on this GPU, without SGLang (after the server stops)
    Target: 0 mismatched tokens on both paths (bitwise equal logprobs).
@@ -38,13 +38,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from microturn_latency import COMMON_FLAGS, run_ours  # noqa: E402
 from model_alignment_check import synthetic_turns  # noqa: E402
 from run_record import write_result  # noqa: E402
-from sglang_microturn.server_process import ServerProcess  # noqa: E402
+from sglang_microturn.cli.server_process import ServerProcess  # noqa: E402
 
-from sglang_microturn import stall_log  # noqa: E402
-from sglang_microturn.align import PathReport, compare, reference_logprobs, server_logprobs  # noqa: E402
-from sglang_microturn.alignment_record import AlignmentRecord, record_from_turns, write_record  # noqa: E402
+from sglang_microturn.server import stall_log  # noqa: E402
+from sglang_microturn.alignment.align import PathReport, compare, reference_logprobs, server_logprobs  # noqa: E402
+from sglang_microturn.alignment.record import AlignmentRecord, record_from_turns, write_record  # noqa: E402
 from sglang_microturn.client import MicroTurnClient  # noqa: E402
-from sglang_microturn.layout import DEFAULT_LAYOUT  # noqa: E402
+from sglang_microturn.format.layout import DEFAULT_LAYOUT  # noqa: E402
 
 OVERHEAD_TARGET = 0.05  # alignment mode within 5 % of the default mode
 # Unrecorded first turns of every overhead session: the first time a batch shape appears a server compiles
@@ -146,7 +146,7 @@ def main() -> int:
     p.add_argument("sglang_args", nargs="*", help="extra SGLang flags for both servers (after --)")
     args = p.parse_args()
 
-    from sglang_microturn.default_model import ensure_default_checkpoint
+    from sglang_microturn.model.default_model import ensure_default_checkpoint
 
     exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH: pip install -e . first")
     model_path = args.model_path or str(ensure_default_checkpoint())

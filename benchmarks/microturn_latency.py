@@ -42,10 +42,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_record import write_result  # noqa: E402
-from sglang_microturn.server_process import ServerProcess  # noqa: E402
+from sglang_microturn.cli.server_process import ServerProcess  # noqa: E402
 
-from sglang_microturn import stall_log  # noqa: E402
-from sglang_microturn.checkpoints import ensure_checkpoint, preset  # noqa: E402
+from sglang_microturn.server import stall_log  # noqa: E402
+from sglang_microturn.model.checkpoints import ensure_checkpoint, preset  # noqa: E402
 from sglang_microturn.client import HTTPConnection, MicroTurnClient  # noqa: E402
 
 CHUNK, OUT_TOKENS = 16, 8

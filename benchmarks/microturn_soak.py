@@ -28,9 +28,9 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_record import write_result  # noqa: E402
-from sglang_microturn.server_process import ServerProcess  # noqa: E402
+from sglang_microturn.cli.server_process import ServerProcess  # noqa: E402
 
-from sglang_microturn.checkpoints import preset  # noqa: E402
+from sglang_microturn.model.checkpoints import preset  # noqa: E402
 from sglang_microturn.client import (  # noqa: E402
     HTTPConnection,
     LengthMismatchError,

@@ -3,7 +3,7 @@
 Starts `sglang-microturn serve` with the small preset (the serve default), opens one streaming session and
 appends N micro-turns built with the layout (pad fill + input block with dMel audio / text / silence +
 <|out|>), each generating up to out_budget tokens greedily with return_logprob. Then the reference model
-(sglang_microturn/reference_model.py) scores the whole served sequence on the GPU in bf16 and in fp32, and
+(sglang_microturn/model/reference_model.py) scores the whole served sequence on the GPU in bf16 and in fp32, and
 the per-token logprobs of every generated token are compared with SGLang's.
 
 Pass/fail (exit 1 beyond it), reference in bf16 vs SGLang (bf16), |logprob difference| over all generated
@@ -28,10 +28,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_record import write_result  # noqa: E402
-from sglang_microturn.server_process import ServerProcess  # noqa: E402
+from sglang_microturn.cli.server_process import ServerProcess  # noqa: E402
 
-from sglang_microturn.dmel import DMelStream, is_silent  # noqa: E402
-from sglang_microturn.layout import DEFAULT_LAYOUT, InputEvents, LayoutError  # noqa: E402
+from sglang_microturn.format.dmel import DMelStream, is_silent  # noqa: E402
+from sglang_microturn.format.layout import DEFAULT_LAYOUT, InputEvents, LayoutError  # noqa: E402
 
 MEDIAN_TOL = 0.05  # nats; see the module docstring and docs/layout.md
 P90_TOL = 0.15
@@ -98,7 +98,7 @@ def serve_session(args, model_path: str, events: list[InputEvents]) -> tuple[dic
 def compare(model_path: str, seq: list[int], generated: list[dict], device: str = "cuda") -> dict:
     import torch
 
-    from sglang_microturn.reference_model import load_reference
+    from sglang_microturn.model.reference_model import load_reference
 
     sglang_lp = torch.tensor([g["sglang"] for g in generated], dtype=torch.float64)
     positions = torch.tensor([g["position"] for g in generated])
@@ -142,7 +142,7 @@ def main() -> int:
     p.add_argument("sglang_args", nargs="*", help="extra SGLang flags (after --)")
     args = p.parse_args()
 
-    from sglang_microturn.default_model import ensure_default_checkpoint
+    from sglang_microturn.model.default_model import ensure_default_checkpoint
 
     model_path = args.model_path or str(ensure_default_checkpoint())
     served, seq, generated = serve_session(args, model_path, synthetic_turns(args.turns))

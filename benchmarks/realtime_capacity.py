@@ -72,9 +72,10 @@ from tqdm import tqdm
 
 from benchmarks.microturn_latency import stalls_between
 from benchmarks.run_record import write_result
-from sglang_microturn import patching, stall_log
-from sglang_microturn.checkpoints import ensure_checkpoint, preset
-from sglang_microturn.server_process import ServerProcess
+from sglang_microturn.patchset import patching
+from sglang_microturn.server import stall_log
+from sglang_microturn.model.checkpoints import ensure_checkpoint, preset
+from sglang_microturn.cli.server_process import ServerProcess
 
 MAX_MISS_RATE = 0.001
 MAX_P99_MS = 150.0

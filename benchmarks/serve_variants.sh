@@ -10,7 +10,7 @@ set -uo pipefail
 outdir=$1 levels=$2; shift 2
 mem_fraction=$(python3 -c "print(round(0.8 / $#, 3))")
 model=$(python3 -c "from benchmarks.realtime_capacity import model_spec
-from sglang_microturn.checkpoints import ensure_checkpoint; print(ensure_checkpoint(model_spec('small')))")
+from sglang_microturn.model.checkpoints import ensure_checkpoint; print(ensure_checkpoint(model_spec('small')))")
 mkdir -p "$outdir"
 names=() ports=() pids=()
 port=30000

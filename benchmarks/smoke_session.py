@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_record import write_result  # noqa: E402
-from sglang_microturn.server_process import ServerProcess  # noqa: E402
+from sglang_microturn.cli.server_process import ServerProcess  # noqa: E402
 
 PLUGIN_LINE = "plugin registered:"
 

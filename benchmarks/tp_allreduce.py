@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sglang_microturn.fixed_order_allreduce import fixed_order_all_reduce
-from sglang_microturn.server_process import free_port
+from sglang_microturn.alignment.fixed_order_allreduce import fixed_order_all_reduce
+from sglang_microturn.cli.server_process import free_port
 
 NCCL_ENV = ("NCCL_ALGO", "NCCL_PROTO", "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS", "NCCL_NVLS_ENABLE")
 

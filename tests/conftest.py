@@ -28,3 +28,18 @@ def sglang_ctx():
             yield server_args
     finally:
         override.restore()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A /microturn API over HTTP on loopback (uvicorn) in front of the stand-in tokenizer manager
+    (tests/rigs/fake_sglang_http.py); yields (base URL, the FakeTokenizerManager)."""
+    from fake_sglang_http import FakeTokenizerManager, app_for, serve_on_loopback
+
+    from sglang_microturn.server.api_handlers import Backend, MicroTurnAPI
+
+    monkeypatch.setenv("MICROTURN_SESSION_KV_TOKENS", "100000")
+    tm = FakeTokenizerManager()
+    api = MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))
+    with serve_on_loopback(app_for(api)) as url:
+        yield url, tm

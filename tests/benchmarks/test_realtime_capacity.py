@@ -16,8 +16,7 @@ import pytest
 from aiohttp import web
 
 import benchmarks.realtime_capacity as rc
-from sglang_microturn import stall_log
-
+from sglang_microturn.server import stall_log
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = rc.model_spec("small").vocab_size
 WORKLOAD = rc.Workload(period_s=0.2, chunk=98, speak_tokens=16, listen_tokens=1, speak_share=0.3, vocab=VOCAB)
@@ -150,8 +149,7 @@ def test_gpu_busy_ratio_is_the_mean_of_nvidia_smi_samples(tmp_path, monkeypatch)
 
 def test_upstream_runs_on_pristine_sglang_and_exactly_the_reverted_patches_come_back(tmp_path):
     # A private copy of the files our patches touch: the real install is what concurrent tests run on.
-    from sglang_microturn import patching
-
+    from sglang_microturn.patchset import patching
     installed, patches = patching.installed_sglang(), patching.load_patches()
     copy = patching.PatchTarget(tmp_path, installed.version)
     for rel in {fp.path for p in patches for fp in p.files}:

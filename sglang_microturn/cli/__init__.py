@@ -1,0 +1,1 @@
+"""The `sglang-microturn` command: patch, serve, demo, make-model, align."""

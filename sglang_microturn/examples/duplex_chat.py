@@ -1,0 +1,103 @@
+"""A simulated user talks to `sglang-microturn serve` in real time, one 200 ms micro-turn per append.
+
+The user's side is a script over wall time: a hum of audio while they start, text typed a few characters
+per micro-turn, a silence, then an interruption ("wait!") typed while the model is still producing output.
+Each micro-turn's input (dMel audio codes + typed bytes, or silence) goes through the micro-turn layout
+(sglang_microturn.format.layout) and the streaming dMel front-end (sglang_microturn.format.dmel); the model's output block
+comes back in the same append. The interleaved timeline is printed with each micro-turn's latency.
+
+    sglang-microturn serve &                  # or: sglang-microturn demo (starts, runs this, stops)
+    python examples/duplex_chat.py [--url http://127.0.0.1:30000] [--turns 25]
+
+The default model has random weights: what it "says" is noise; the timing and the layout are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+import numpy as np
+
+from sglang_microturn.client import MicroTurnClient
+from sglang_microturn.format.dmel import DMelStream
+from sglang_microturn.format.layout import Control, InputEvents, LayoutError, MicroTurnLayout
+
+SAMPLE_RATE = 16_000
+
+
+def user_script(turns: int, samples_per_turn: int) -> list[tuple[np.ndarray | None, str]]:
+    """(audio PCM or None, typed text) for each micro-turn."""
+    t = np.arange(samples_per_turn) / SAMPLE_RATE
+    hum = (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    typed = "hello, can you hear me?"
+    script: list[tuple[np.ndarray | None, str]] = []
+    for k in range(turns):
+        if k < 2:
+            script.append((hum, ""))  # the user hums while starting to talk
+        elif k < 2 + (len(typed) + 3) // 4:
+            i = (k - 2) * 4
+            script.append((None, typed[i: i + 4]))  # typing, ~4 characters per 200 ms
+        elif k == turns // 2 + 3:
+            script.append((None, "wait!"))  # interruption while the model is talking
+        else:
+            script.append((None, ""))  # silence stays in the context too
+    return script
+
+
+def describe_output(layout: MicroTurnLayout, output_ids: list[int], turn: int) -> str:
+    if not output_ids:
+        return "-"
+    try:
+        return repr(layout.decode_output(output_ids, turn=turn).text)
+    except LayoutError:  # an untrained model may emit ids outside its output stream
+        return f"ids {output_ids}"
+
+
+async def chat(url: str, turns: int) -> int:
+    layout = MicroTurnLayout()
+    spec = layout.spec
+    audio = DMelStream()
+    client = MicroTurnClient(url)
+    session = await client.open(output_budget=spec.out_budget, stop_ids=[Control.YIELD],
+                                period_s=spec.period_ms / 1000)
+    previous_output = None
+    print(f"session {session.session_id}: {turns} micro-turns of {spec.period_ms} ms, "
+          f"{spec.stride} positions each")
+    print(f"{'turn':>4} {'t(ms)':>6}  {'user':<28} {'model (output ids)':<40} {'latency':>8} {'late':>6}")
+    start = time.monotonic()
+    try:
+        for k, (pcm, text) in enumerate(user_script(turns, spec.samples_per_turn)):
+            codes = audio.push(pcm if pcm is not None else np.zeros(spec.samples_per_turn, np.float32))
+            events = InputEvents(audio=codes if pcm is not None else None, text=text)
+            ids = layout.append_ids(events, previous_output, turn=k)
+            due = start + k * session.period_s  # micro-turn k's slot on the real-time clock
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            reply = await session.append(ids, due=due)
+            previous_output = reply["output_ids"]
+            rec = session.turns[-1]
+            user = ("~audio~ " if pcm is not None else "") + (repr(text) if text else "")
+            model = describe_output(layout, previous_output, k)
+            print(f"{k:>4} {layout.turn_start_ms(k):>6}  {user or '(silence)':<28} {model[:40]:<40} "
+                  f"{rec.latency_ms:>6.1f}ms {rec.late_ms:>4.0f}ms")
+    finally:
+        await session.close()
+        client.close()
+    lat = sorted(t.latency_ms for t in session.turns)
+    print(f"{len(lat)} micro-turns: p50 {lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms; sent at most "
+          f"{max(t.late_ms for t in session.turns):.1f} ms after its slot")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--turns", type=int, default=25)
+    args = p.parse_args()
+    return asyncio.run(chat(args.url, args.turns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The interaction model without SGLang: spec and presets, checkpoints, the PyTorch reference (torch only)."""

@@ -1,0 +1,266 @@
+"""Micro-turn sessions as the HTTP process sees them: state, the committed sequence, admission control.
+
+`SessionRegistry` lives in the HTTP server process beside SGLang's tokenizer manager. It owns, per session,
+the committed token sequence (what every acknowledged append added, inputs and outputs), the in-flight flag
+(one append at a time), and the session's share of the KV budget. SGLang's scheduler owns the KV itself; the
+registry only changes a session's sequence from the scheduler's own verdict on an append (finished: commit;
+aborted: nothing changed), so the two never disagree.
+
+Every method is O(1) or O(chunk): nothing here grows with session length except the stored sequence.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from sglang_microturn.server.realtime_deadlines import DeadlineStats
+
+
+class MicroTurnError(Exception):
+    """An API error: HTTP status + message naming what was wrong."""
+
+    status = 400
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(MicroTurnError):
+    status = 400
+
+
+class SessionNotFound(MicroTurnError):
+    status = 404
+
+
+class SessionBusy(MicroTurnError):
+    status = 409
+
+
+class LengthMismatch(MicroTurnError):
+    """The append's `expected_length` precondition failed: the client's view of the session is stale."""
+
+    status = 412
+
+
+class SessionGone(MicroTurnError):
+    status = 410
+
+
+class OverBudget(MicroTurnError):
+    status = 429
+
+
+class OverCapacity(MicroTurnError):
+    """A new session would take the server past what it serves in time (realtime_admission)."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class SessionState(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+    EXPIRED = "expired"  # idle longer than its timeout: its KV was freed
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    output_budget: int = 8  # max output tokens per micro-turn (an append may override; 0 = listen only)
+    stop_ids: tuple[int, ...] = ()
+    idle_timeout_s: float | None = None
+    temperature: float = 0.0
+    ignore_eos: bool = False  # generate the whole output budget even past the model's EOS (benchmarks)
+    # Sampling seed (temperature > 0): the sampled token depends only on (seed, position, probabilities), so
+    # a seeded session replays the same tokens whatever it shares batches with (SGLang patch 0005).
+    seed: int | None = None
+    # A micro-turn's output is due this long after its append arrived (realtime_deadlines).
+    deadline_s: float = 0.2
+
+
+@dataclass
+class MicroTurnSession:
+    session_id: str
+    options: SessionOptions
+    tokens: list[int] = field(default_factory=list)  # the committed sequence
+    state: SessionState = SessionState.OPEN
+    in_flight_reserve: int = 0  # KV tokens reserved by the running append (0 = none running)
+    appends: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+    last_activity_unix: float = field(default_factory=time.time)
+    deadline: DeadlineStats = field(init=False)
+
+    def __post_init__(self):
+        self.deadline = DeadlineStats(self.options.deadline_s)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.in_flight_reserve > 0
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+        self.last_activity_unix = time.time()
+
+    def describe(self, with_tokens: bool = False) -> dict:
+        out = {
+            "session_id": self.session_id,
+            "state": self.state.value,
+            "length": len(self.tokens),
+            "appends": self.appends,
+            "in_flight": self.in_flight,
+            "last_activity": self.last_activity_unix,
+            "deadline": self.deadline.describe(),
+        }
+        if with_tokens:
+            out["tokens"] = list(self.tokens)
+        return out
+
+
+class SessionRegistry:
+    """All micro-turn sessions of one server, and the KV budget they share (in tokens).
+
+    A session's KV footprint is its committed length plus, while an append runs, that append's input and
+    output budget. `open` reserves one micro-turn of headroom so a just-opened session can make progress.
+    """
+
+    def __init__(self, kv_budget_tokens: int, vocab_size: int, max_chunk_tokens: int, bos_id: int | None):
+        self.kv_budget_tokens = kv_budget_tokens
+        self.vocab_size = vocab_size
+        self.max_chunk_tokens = max_chunk_tokens
+        self.bos_id = bos_id
+        self.sessions: dict[str, MicroTurnSession] = {}
+        self._used = 0  # sum over open sessions of footprint(); kept incrementally
+        self.open_sessions = 0
+        self._last_sweep = 0.0
+        self.sweep_interval_s = 1.0  # idle expiry is checked at most this often (it walks all sessions)
+
+    # -- budget --
+
+    def _footprint(self, s: MicroTurnSession) -> int:
+        return len(s.tokens) + s.in_flight_reserve
+
+    @staticmethod
+    def _turn_reserve(n_input: int, n_output: int) -> int:
+        return max(1, n_input + n_output)
+
+    def used_tokens(self) -> int:
+        return self._used
+
+    def _admit(self, extra: int, what: str) -> None:
+        if self._used + extra > self.kv_budget_tokens:
+            raise OverBudget(
+                f"{what} needs {extra} KV tokens but only {self.kv_budget_tokens - self._used} of the "
+                f"{self.kv_budget_tokens}-token session budget are free; close idle sessions or retry later"
+            )
+
+    # -- lifecycle --
+
+    def open(self, options: SessionOptions) -> MicroTurnSession:
+        headroom = self._turn_reserve(self.max_chunk_tokens, options.output_budget)
+        self._admit(headroom, "opening a session")
+        session = MicroTurnSession(secrets.token_hex(16), options)  # 128 random bits: unguessable
+        self.sessions[session.session_id] = session
+        self.open_sessions += 1
+        return session
+
+    def get(self, session_id: str) -> MicroTurnSession:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"unknown session {session_id!r}")
+        return session
+
+    def begin_append(self, session_id: str, input_ids: list[int], output_budget: int,
+                     expected_length: int | None = None) -> MicroTurnSession:
+        """Validate and reserve one append; the caller must end it with `commit` or `abandon`.
+
+        `expected_length` (optional) is the committed length the client believes the session has. A client
+        that lost a response (e.g. dropped its connection) sends it on the next append: a late-arriving copy
+        of the lost append then fails this check instead of silently adding a turn the client never saw."""
+        session = self.get(session_id)
+        if session.state is not SessionState.OPEN:
+            raise SessionGone(f"session {session_id} is {session.state.value}")
+        if session.in_flight:
+            raise SessionBusy(f"session {session_id} already has an append in flight; send the next micro-turn "
+                              "after the previous one's response")
+        if expected_length is not None and expected_length != len(session.tokens):
+            raise LengthMismatch(f"session {session_id} has {len(session.tokens)} committed tokens, not the "
+                                 f"expected {expected_length}; re-read it with GET /microturn/sessions/{session_id}")
+        self._validate_chunk(session, input_ids, output_budget)
+        reserve = self._turn_reserve(len(input_ids), output_budget)
+        self._admit(reserve, f"appending {len(input_ids)} input + {output_budget} output tokens")
+        session.in_flight_reserve = reserve
+        self._used += reserve
+        session.touch()
+        return session
+
+    def commit(self, session: MicroTurnSession, input_ids: list[int], output_ids: list[int]) -> None:
+        """The scheduler finished the append: both blocks are now part of the session's sequence."""
+        self._end(session)
+        session.tokens.extend(input_ids)
+        session.tokens.extend(output_ids)
+        session.appends += 1
+        if session.state is SessionState.OPEN:
+            self._used += len(input_ids) + len(output_ids)
+
+    def abandon(self, session: MicroTurnSession) -> None:
+        """The append was aborted or failed: the session's sequence is unchanged."""
+        self._end(session)
+
+    def _end(self, session: MicroTurnSession) -> None:
+        if session.state is SessionState.OPEN:
+            self._used -= session.in_flight_reserve
+        session.in_flight_reserve = 0
+        session.touch()
+
+    def close(self, session_id: str) -> tuple[MicroTurnSession, bool]:
+        """Close (idempotent). Returns the session and whether this call closed it."""
+        session = self.get(session_id)
+        if session.state is not SessionState.OPEN:
+            return session, False
+        self._retire(session, SessionState.CLOSED)
+        return session, True
+
+    def _retire(self, session: MicroTurnSession, state: SessionState) -> None:
+        self._used -= self._footprint(session)
+        self.open_sessions -= 1
+        session.state = state
+
+    def sweep_idle(self, now: float | None = None) -> list[MicroTurnSession]:
+        """Expire open sessions idle past their timeout (at most once per `sweep_interval_s`) and return them;
+        the caller closes them in SGLang, which frees their KV."""
+        now = time.monotonic() if now is None else now
+        if now - self._last_sweep < self.sweep_interval_s:
+            return []
+        self._last_sweep = now
+        expired = [
+            s for s in self.sessions.values()
+            if s.state is SessionState.OPEN and not s.in_flight and s.options.idle_timeout_s is not None
+            and now - s.last_activity > s.options.idle_timeout_s
+        ]
+        for s in expired:
+            self._retire(s, SessionState.EXPIRED)
+        return expired
+
+    # -- validation --
+
+    def _validate_chunk(self, session: MicroTurnSession, input_ids: list[int], output_budget: int) -> None:
+        if not input_ids:
+            raise BadRequest("input_ids is empty: a micro-turn appends at least one input token")
+        if len(input_ids) > self.max_chunk_tokens:
+            raise BadRequest(f"chunk of {len(input_ids)} tokens exceeds the {self.max_chunk_tokens}-token limit "
+                             "per micro-turn (MICROTURN_MAX_CHUNK_TOKENS)")
+        if min(input_ids) < 0 or max(input_ids) >= self.vocab_size:  # C loops: this runs on every append
+            bad = next(t for t in input_ids if not 0 <= t < self.vocab_size)
+            raise BadRequest(f"input id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if session.tokens and self.bos_id is not None and input_ids[0] == self.bos_id:
+            raise BadRequest(f"chunk starts with the BOS id {self.bos_id}, which SGLang drops from appended turns; "
+                             "send BOS only in a session's first chunk")
+        if output_budget < 0:
+            raise BadRequest(f"output budget {output_budget} is negative (0 = listen only)")

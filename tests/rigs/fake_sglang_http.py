@@ -1,0 +1,99 @@
+"""A stand-in for SGLang's HTTP process, for tests of the /microturn API and of its clients without SGLang's
+scheduler: `FakeTokenizerManager` keeps, per session, the length SGLang's scheduler would hold and answers
+appends the way SGLang's streaming sessions do (prompt_tokens = the whole session length); `app_for` mounts an
+API on a FastAPI app; `serve_on_loopback` runs that app under uvicorn on a free port for real HTTP clients.
+"""
+
+import asyncio
+import contextlib
+import threading
+import time
+from types import SimpleNamespace
+
+import uvicorn
+from fastapi import FastAPI
+
+from sglang_microturn.cli.server_process import free_port
+from sglang_microturn.server.api_handlers import mount
+
+VOCAB = 1000
+BOS = 0
+
+
+class FakeTokenizerManager:
+    def __init__(self):
+        self.model_config = SimpleNamespace(vocab_size=VOCAB)
+        self.tokenizer = SimpleNamespace(bos_token_id=BOS)
+        self.lengths: dict[str, int] = {}  # the scheduler's committed length per session
+        self.closed_lengths: list[int] = []  # lengths of sessions at close
+        self.timeouts: dict[str, float] = {}
+        self.hold = None  # a threading.Event: appends wait for it (or an abort) before finishing
+        self.aborted: set[str] = set()
+        self.running = threading.Event()
+
+    async def open_session(self, obj):
+        self.lengths[obj.session_id] = 0
+        self.timeouts[obj.session_id] = obj.timeout
+        return obj.session_id
+
+    async def close_session(self, obj):
+        if obj.session_id in self.lengths:
+            self.closed_lengths.append(self.lengths.pop(obj.session_id))
+
+    def abort_request(self, rid):
+        self.aborted.add(rid)
+
+    async def generate_request(self, obj, request):
+        sid = obj.session_params["id"]
+        self.last_sampling_params = obj.sampling_params
+        n_out = obj.sampling_params["max_new_tokens"]
+        obj.scheduled_at = time.time()
+        if sid not in self.lengths:
+            yield self._final(obj, 0, [], {"type": "abort", "message": f"session id {sid} does not exist"})
+            return
+        self.running.set()
+        if self.hold is not None:
+            while not self.hold.is_set() and obj.rid not in self.aborted:
+                await asyncio.sleep(0.005)
+        if obj.rid in self.aborted:  # patch 0003: the session rolls back to its committed length
+            yield self._final(obj, self.lengths[sid] + len(obj.input_ids), [], {"type": "abort", "message": "Abort"})
+            return
+        out = [(7 * (self.lengths[sid] + i)) % VOCAB for i in range(n_out)]
+        obj.prefill_done_at = time.time()
+        for k in range(1, n_out if obj.stream else 0):
+            yield {"output_ids": out[:k], "meta_info": {"finish_reason": None}}
+        prompt = self.lengths[sid] + len(obj.input_ids)
+        self.lengths[sid] = prompt + n_out
+        yield self._final(obj, prompt, out, {"type": "length", "length": n_out})
+
+    @staticmethod
+    def _final(obj, prompt, out, reason):
+        meta = {"prompt_tokens": prompt, "completion_tokens": len(out), "cached_tokens": 0, "finish_reason": reason,
+                # what SGLang adds with --enable-metrics
+                "forward_entry_time": obj.scheduled_at, "prefill_finished_time": getattr(obj, "prefill_done_at", None)}
+        if obj.return_logprob:
+            meta["output_token_logprobs"] = [(-1.0, t, None) for t in out]
+        return {"output_ids": out, "meta_info": meta}
+
+
+def app_for(api):
+    app = FastAPI()
+    mount(app, api)
+    return app
+
+
+@contextlib.contextmanager
+def serve_on_loopback(app):
+    """Run `app` under uvicorn on 127.0.0.1 (a thread of this process); yields its base URL."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(5)
