@@ -5,7 +5,7 @@ alignment_record.py):
   server     the server re-scores the whole sequence as one prefill: SGLang's /generate with input_ids = the
              sequence, return_logprob, logprob_start_len 0 (no prefix reuse, so every position is recomputed);
              `input_token_logprobs[p]` is log p(sequence[p] | sequence[:p]).
-  reference  the PyTorch reference in aligned mode (reference_model.score_aligned: the trainer side, no
+  reference  the PyTorch reference in aligned mode (aligned_reference.score_aligned: the trainer side, no
              SGLang), bf16, on the GPU or, without one, on the CPU through the Triton interpreter (slow: for
              short records). MICROTURN_ATTN_* must equal the server's (defaults do).
 Under `serve --alignment-mode` both must match exactly; exit status 1 on any mismatch, 2 on a bad record or
@@ -91,7 +91,9 @@ def reference_logprobs(record: AlignmentRecord, model_path: str, device: str) ->
     """Logprobs of the record's generated tokens from the aligned PyTorch reference (bf16) on `device`."""
     import torch
 
-    from sglang_microturn.model.reference_model import load_reference, score_aligned
+    from sglang_microturn.model.reference_model import load_reference
+
+    from sglang_microturn.alignment.aligned_reference import score_aligned
 
     model = load_reference(model_path, device=device, dtype=torch.bfloat16)
     lp = score_aligned(model, record.sequence).cpu()  # [T - 1], lp[p - 1] = log p(seq[p] | seq[:p])

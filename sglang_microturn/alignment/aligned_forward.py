@@ -22,7 +22,7 @@ Tensor parallelism (docs/alignment.md, "Tensor parallelism"): a rank holds SGLan
 vocab rows) and computes its partial of each row-parallel product with the same kernels; `reduce` sums the
 partials over the ranks at the three points marked above. `forward_hidden` runs the ranks this process
 computes (`RankForward`): one on a server rank or at TP = 1, all W when one device reproduces a TP = W run
-(reference_model.score_aligned(tp=W)). Everything between two reductions is per rank; norms, router and
+(aligned_reference.score_aligned(tp=W)). Everything between two reductions is per rank; norms, router and
 residual adds are replicated and see the same bits on every rank.
 
 Glossary: W tensor-parallel ranks, T tokens, D hidden, H query heads, KV kv heads, hd head dim, E experts,
@@ -32,28 +32,35 @@ A active experts, V vocab.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from microturn_kernels.aligned_attention import AlignedAttentionConfig
 from microturn_kernels.batch_invariant import matmul, norm_rope, rms_norm, route, silu_mul
 from microturn_kernels.moe_gemv import moe_gemv
+from sglang_microturn import config
 
-ENV_ALIGNMENT = "MICROTURN_ALIGNMENT"
+ENV_ALIGNMENT = config.ALIGNMENT
 
 
 class AlignmentConfigError(ValueError):
-    """MICROTURN_ALIGNMENT or a model's setup does not allow alignment mode."""
+    """A model's setup does not allow alignment mode."""
 
 
 def alignment_enabled() -> bool:
     """True when MICROTURN_ALIGNMENT=1 (set by `sglang-microturn serve --alignment-mode`)."""
-    raw = os.environ.get(ENV_ALIGNMENT, "0").strip().lower()
-    if raw not in ("", "0", "1", "false", "true"):
-        raise AlignmentConfigError(f"{ENV_ALIGNMENT}={raw!r}: use 1 (alignment mode) or 0")
-    return raw in ("1", "true")
+    return config.value(config.ALIGNMENT)
+
+
+def attention_config() -> AlignedAttentionConfig:
+    """The aligned attention's split and tiles from MICROTURN_ATTN_SPLIT / _BLOCK_N / _BLOCK_M: the server's
+    backend (server/aligned_attention_backend.py) and the trainer's KV cache (alignment/aligned_reference.py)
+    both read them here, so their attention bits match."""
+    return AlignedAttentionConfig(split_size=config.value(config.ATTN_SPLIT),
+                                  block_n=config.value(config.ATTN_BLOCK_N),
+                                  block_m=config.value(config.ATTN_BLOCK_M))
 
 
 @dataclass(frozen=True)

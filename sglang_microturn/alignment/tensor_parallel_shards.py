@@ -1,6 +1,6 @@
 """Rank r's shard of a whole model's `AlignedWeights`, cut exactly as SGLang 0.5.17 cuts Qwen3-MoE at
 tensor parallelism W (moe_tp = W, no expert parallelism), so that one device can compute every rank's
-partials (reference_model.score_aligned(tp=W)) and a test can hand each process its shard.
+partials (aligned_reference.score_aligned(tp=W)) and a test can hand each process its shard.
 
 What SGLang's loaders put on rank r (sglang/srt/layers/...):
   * q/k/v (`QKVParallelLinear`): query heads [r H/W, (r + 1) H/W); kv heads [r KV/W, (r + 1) KV/W), or when

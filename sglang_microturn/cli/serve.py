@@ -15,7 +15,7 @@ import os
 import sys
 
 # (flag, value or None for a switch, why). A default is added only when the user did not pass the flag.
-MICROTURN_DEFAULTS: tuple[tuple[str, str | None, str], ...] = (
+SERVE_DEFAULTS: tuple[tuple[str, str | None, str], ...] = (
     ("--enable-streaming-session", None, "each micro-turn appends to a session's persistent sequence"),
     ("--attention-backend", "triton", "our attention kernels extend SGLang's Triton backend"),
     ("--sampling-backend", "pytorch", "seeded, batch-invariant sampling"),
@@ -90,7 +90,7 @@ def launch_argv(user_args: list[str], default_model_path: str | None) -> list[st
         if default_model_path is None:
             raise ValueError("no --model-path given and no default model path")
         argv += ["--model-path", default_model_path]
-    for flag, value, _why in MICROTURN_DEFAULTS:
+    for flag, value, _why in SERVE_DEFAULTS:
         if not has_flag(user_args, flag):
             argv += [flag] if value is None else [flag, value]
     return argv + user_args
@@ -105,17 +105,16 @@ def require_cuda() -> None:
 
 def serve(user_args: list[str]) -> None:
     """Check the machine and the SGLang install, then replace this process with the SGLang server."""
+    from sglang_microturn import config
     from sglang_microturn.model.default_model import ensure_default_checkpoint
     from sglang_microturn.server.plugin import require_patches
-
-    from sglang_microturn.alignment.aligned_forward import ENV_ALIGNMENT
 
     user_args, aligned = alignment_args(user_args)  # before the GPU check: a bad combination fails anywhere
     require_cuda()
     require_patches()  # fail here, before SGLang spends a minute starting up
     model = None if has_flag(user_args, "--model-path") else str(ensure_default_checkpoint())
     argv = launch_argv(user_args, model)
-    os.environ[ENV_ALIGNMENT] = "1" if aligned else "0"  # the scheduler processes inherit it
+    os.environ[config.ALIGNMENT] = "1" if aligned else "0"  # the scheduler processes inherit it
     if aligned:
         # Returned logprobs of sampled tokens = log_softmax of the untempered fp32 logits at any temperature
         # (SGLang's sampler otherwise returns log(softmax(logits / T))): the op the trainer side computes.

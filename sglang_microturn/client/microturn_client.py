@@ -3,7 +3,8 @@
 A `MicroTurnSession` keeps at most one append in flight (appends queue on a lock) and, in `stream()`, paces
 appends on a real-time clock: micro-turn k is sent at `start + k * period_s` (default 200 ms), or as soon as
 the previous one returns if that is later (the turn is then recorded as late). Every turn's timing is kept
-in `session.turns`. Server errors raise typed exceptions (`SessionBusyError` for 409, ...).
+in `session.turns`. Server errors raise typed exceptions (`SessionBusyError` for 409, ...; the table is
+sglang_microturn/protocol.py, the server's too).
 
 Stdlib only (HTTP/1.1 over asyncio streams, one keep-alive connection per session), so it runs anywhere the
 server's users run, without SGLang.
@@ -18,11 +19,19 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from sglang_microturn import protocol
+
 
 class MicroTurnHTTPError(Exception):
-    """An error response from the server."""
+    """An error response from the server. Each subclass is one error `name` of sglang_microturn.protocol and
+    has that name's HTTP `status`."""
 
+    name: str = protocol.SERVER_ERROR
     status: int = 0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.status = protocol.status_of(cls.name)
 
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
@@ -30,43 +39,43 @@ class MicroTurnHTTPError(Exception):
 
 
 class BadRequestError(MicroTurnHTTPError):
-    status = 400
+    name = protocol.BAD_REQUEST
 
 
 class UnauthorizedError(MicroTurnHTTPError):
-    status = 401
+    name = protocol.UNAUTHORIZED
 
 
 class SessionNotFoundError(MicroTurnHTTPError):
-    status = 404
+    name = protocol.SESSION_NOT_FOUND
 
 
 class SessionBusyError(MicroTurnHTTPError):
-    status = 409
+    name = protocol.SESSION_BUSY
 
 
 class SessionGoneError(MicroTurnHTTPError):
-    status = 410
+    name = protocol.SESSION_GONE
 
 
 class LengthMismatchError(MicroTurnHTTPError):
-    status = 412
+    name = protocol.LENGTH_MISMATCH
 
 
 class OverBudgetError(MicroTurnHTTPError):
-    status = 429
+    name = protocol.OVER_BUDGET  # every 429: the KV budget or admission (over_capacity)
 
 
 class ServerError(MicroTurnHTTPError):
-    status = 500
+    name = protocol.SERVER_ERROR
 
 
-_ERRORS = {c.status: c for c in (BadRequestError, UnauthorizedError, SessionNotFoundError, SessionBusyError,
-                                 SessionGoneError, LengthMismatchError, OverBudgetError)}
+_ERRORS = {c.name: c for c in (BadRequestError, UnauthorizedError, SessionNotFoundError, SessionBusyError,
+                               SessionGoneError, LengthMismatchError, OverBudgetError, ServerError)}
 
 
 def error_for(status: int, message: str) -> MicroTurnHTTPError:
-    return _ERRORS.get(status, ServerError)(status, message)
+    return _ERRORS.get(protocol.name_of(status), ServerError)(status, message)
 
 
 class HTTPConnection:

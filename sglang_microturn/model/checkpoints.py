@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from sglang_microturn import config
 from sglang_microturn.format.layout import LayoutSpec, MicroTurnLayout
 
 ARCHITECTURE = "MicroTurnForCausalLM"
@@ -239,7 +240,7 @@ def write_checkpoint(out: str | os.PathLike, spec: ModelSpec | str = "small") ->
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("MICROTURN_CACHE") or os.path.join(
+    base = config.value(config.CACHE) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sglang-microturn"
     )
     return Path(base)

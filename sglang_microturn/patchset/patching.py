@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sglang_microturn import SGLANG_VERSION
+from sglang_microturn import SGLANG_VERSION, config
 
 _HUNK_HEADER = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 
@@ -185,7 +185,7 @@ def check_version(target: PatchTarget) -> None:
 def patches_dir() -> Path:
     """The patch-set shipped inside this package (`sglang_microturn/patchset/patches/`, package data, so an
     installed wheel has it too); MICROTURN_PATCHES_DIR overrides."""
-    override = os.environ.get("MICROTURN_PATCHES_DIR")
+    override = config.value(config.PATCHES_DIR)
     if override:
         return Path(override)
     # A wheel installs as plain files, and an editable install points at the checkout: a real folder either way.

@@ -9,8 +9,8 @@ SGLang process). With MICROTURN_ALIGNED_ATTENTION=triton, `--attention-backend t
 backend too (for tools that only know the name "triton"; SGLang's name-based gates then see "triton").
 The name is accepted by `--enable-deterministic-inference` and keeps the radix cache on.
 
-Knobs (environment, read when the backend is built; the trainer (reference_model.AlignedKVCache) reads the
-first three the same way, and they must match the server's):
+Knobs (environment, read when the backend is built; the trainer (alignment/aligned_reference.AlignedKVCache)
+reads the first three through the same `aligned_forward.attention_config`, and they must match the server's):
   MICROTURN_ATTN_SPLIT (default 256): S, keys per left-aligned split.
   MICROTURN_ATTN_BLOCK_N (default 64), MICROTURN_ATTN_BLOCK_M (default 16): inner tile shape.
   MICROTURN_ATTN_WORKSPACE_MB (default 512): cap on the fp32 split partials of one extend launch.
@@ -28,27 +28,18 @@ masks (speculative verify), fp8 KV scales. Speculative decoding's draft backends
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from microturn_kernels.aligned_attention import AlignedAttentionConfig, aligned_decode, aligned_extend
+from microturn_kernels.aligned_attention import aligned_decode, aligned_extend
+from sglang_microturn import config
+from sglang_microturn.alignment.aligned_forward import attention_config
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
 
 BACKEND_NAME = "microturn_aligned"
-_REPLACE_TRITON_ENV = "MICROTURN_ALIGNED_ATTENTION"
-
-
-def config_from_env() -> AlignedAttentionConfig:
-    default = AlignedAttentionConfig()
-    return AlignedAttentionConfig(
-        split_size=int(os.environ.get("MICROTURN_ATTN_SPLIT", default.split_size)),
-        block_n=int(os.environ.get("MICROTURN_ATTN_BLOCK_N", default.block_n)),
-        block_m=int(os.environ.get("MICROTURN_ATTN_BLOCK_M", default.block_m)),
-    )
 
 
 def _triton_backend_class():
@@ -91,7 +82,7 @@ def _make_class():
                 raise _Unsupported("sliding-window attention")
             if self.dcp_size > 1:
                 raise _Unsupported("decode context parallelism (DCP)")
-            self.aligned_config = config_from_env()
+            self.aligned_config = attention_config()
             self.split_tile_size = self.aligned_config.split_size
             self.max_kv_splits = self.aligned_config.max_splits(self.max_context_len)
             self.static_kv_splits = False
@@ -99,7 +90,7 @@ def _make_class():
             # whose kernel we replace below. Nothing else in TritonAttnBackend reads it (get_num_kv_splits is
             # overridden).
             self.enable_deterministic = True
-            self.workspace_bytes = int(os.environ.get("MICROTURN_ATTN_WORKSPACE_MB", "512")) << 20
+            self.workspace_bytes = config.value(config.ATTN_WORKSPACE_MB) << 20
             self.decode_attention_fwd = torch.compiler.disable(self._aligned_decode_fwd)
             self.extend_attention_fwd_unified = torch.compiler.disable(self._aligned_extend_fwd)
             self.extend_attention_fwd = self._refuse_split_extend
@@ -210,12 +201,12 @@ def install() -> str:
     ):
         if BACKEND_NAME not in choices:
             add([BACKEND_NAME])
-    cfg = config_from_env()
+    cfg = attention_config()
     line = (
         f"attention backend {BACKEND_NAME!r} registered (split S={cfg.split_size}, block_n={cfg.block_n},"
         f" block_m={cfg.block_m})"
     )
-    if os.environ.get(_REPLACE_TRITON_ENV, "").strip().lower() == "triton":
+    if config.value(config.ALIGNED_ATTENTION) == "triton":
         ATTENTION_BACKENDS["triton"] = create_aligned_backend
         line += "; also serves --attention-backend triton"
     return line

@@ -11,7 +11,7 @@ Not supported with a shared expert: DeepEP / other all-to-all MoE backends (Valu
 Alignment mode (MICROTURN_ALIGNMENT=1, set by `sglang-microturn serve --alignment-mode`): `forward` runs
 `aligned_forward.forward_hidden` over this model's own parameters, RadixAttention (the `microturn_aligned`
 backend) and KV cache, and the logits come from `AlignedLogitsProcessor`; the trainer runs the same functions
-(reference_model.score_aligned). Single GPU only (no TP/PP/EP). docs/alignment.md.
+(aligned_reference.score_aligned). Single GPU only (no TP/PP/EP). docs/alignment.md.
 """
 
 from __future__ import annotations

@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
+
+from sglang_microturn import config
 
 logger = logging.getLogger(__name__)
 
 TARGET = "sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe.fused_experts"
-DEFAULT_MAX_TOKENS = 16  # a cap on top of the expert-coverage bound below
 MAX_PAIRS_PER_EXPERT = 0.5  # route while M * top_k <= MAX_PAIRS_PER_EXPERT * num_experts (module docstring)
-ENV_MAX_TOKENS = "MICROTURN_MOE_GEMV_MAX_TOKENS"
-ENV_ALIGNED = "MICROTURN_MOE_ALIGNED"
+ENV_MAX_TOKENS = config.MOE_GEMV_MAX_TOKENS  # a cap on top of the expert-coverage bound
+ENV_ALIGNED = config.MOE_ALIGNED
 
 # `fused_experts` keyword arguments that must be at their "off" value for the GEMV route.
 _MUST_BE_FALSE = ("use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16", "per_channel_quant")
@@ -49,26 +49,9 @@ _MUST_BE_NONE = (
 )  # fmt: skip
 
 
-class MoeDispatchConfigError(ValueError):
-    """A MICROTURN_MOE_* environment variable has a value the dispatcher cannot use."""
-
-
 def read_env() -> tuple[int, bool]:
-    """(max_tokens, aligned) from the environment; raises MoeDispatchConfigError on a bad value."""
-    raw = os.environ.get(ENV_MAX_TOKENS, str(DEFAULT_MAX_TOKENS))
-    try:
-        max_tokens = int(raw)
-    except ValueError:
-        raise MoeDispatchConfigError(
-            f"{ENV_MAX_TOKENS}={raw!r} is not an integer; set it to the largest token count for the GEMV "
-            f"MoE kernels (default {DEFAULT_MAX_TOKENS}, 0 turns them off)"
-        ) from None
-    if max_tokens < 0:
-        raise MoeDispatchConfigError(f"{ENV_MAX_TOKENS}={max_tokens} is negative; use 0 to turn the route off")
-    raw_aligned = os.environ.get(ENV_ALIGNED, "0").strip().lower()
-    if raw_aligned not in ("0", "1", "true", "false", ""):
-        raise MoeDispatchConfigError(f"{ENV_ALIGNED}={raw_aligned!r}: use 1 (alignment mode) or 0")
-    return max_tokens, raw_aligned in ("1", "true")
+    """(max_tokens, aligned) from the environment; raises config.SettingError on a bad value."""
+    return config.value(ENV_MAX_TOKENS), config.value(ENV_ALIGNED)
 
 
 def describe(max_tokens: int, aligned: bool) -> str:

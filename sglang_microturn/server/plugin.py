@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from sglang_microturn import __version__
+from sglang_microturn.config import SettingError
 from sglang_microturn.patchset.patching import PatchError, unapplied
 
 
@@ -29,18 +30,22 @@ def _installers():
     """Our pieces, in install order. Each returns a short description of what it registered."""
     from sglang_microturn.server import (
         aligned_attention_backend,
-        api_handlers,
         model_registry,
         moe_dispatch,
+        routes,
         scheduler_cohort,
         stall_log,
     )
 
-    return [require_patches, api_handlers.install, model_registry.install, aligned_attention_backend.install,
+    return [require_patches, routes.install, model_registry.install, aligned_attention_backend.install,
             moe_dispatch.install, scheduler_cohort.install, stall_log.install]
 
 
 def register() -> None:
-    # SystemExit (not Exception) so SGLang's plugin loader, which only logs exceptions, really stops.
-    done = [install() for install in _installers()]
+    # SystemExit (not Exception) so SGLang's plugin loader, which only logs exceptions, really stops. Each
+    # piece reads its settings before registering anything: a bad value stops the server with nothing half-done.
+    try:
+        done = [install() for install in _installers()]
+    except SettingError as e:
+        raise SystemExit(f"sglang-microturn: {e}") from None
     print(f"[sglang-microturn {__version__}] plugin registered: {'; '.join(done)}", file=sys.stderr, flush=True)

@@ -14,13 +14,10 @@ are never refused by this guard: a live conversation is not cut off, new ones wa
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from dataclasses import dataclass
 
-ENV_P99_FRACTION = "MICROTURN_ADMIT_P99_FRACTION"
-ENV_WINDOW_S = "MICROTURN_ADMIT_WINDOW_S"
-ENV_MAX_LIVE = "MICROTURN_MAX_LIVE_SESSIONS"
+from sglang_microturn import config
 
 
 @dataclass(frozen=True)
@@ -31,25 +28,12 @@ class AdmissionSettings:
     retry_after_s: int = 2  # what the 429 tells the client to wait
 
 
-def _env_number(name: str, default: float, lo: float, hi: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not lo <= value <= hi:  # also NaN
-        raise ValueError(f"{name}={raw!r}: want a number in [{lo:g}, {hi:g}]")
-    return value
-
-
 def settings_from_env() -> AdmissionSettings:
-    max_live = _env_number(ENV_MAX_LIVE, 0, 0, 1 << 20)
-    if max_live != int(max_live):
-        raise ValueError(f"{ENV_MAX_LIVE}={os.environ[ENV_MAX_LIVE]!r}: want a whole number of sessions")
-    return AdmissionSettings(p99_fraction=_env_number(ENV_P99_FRACTION, 0.75, 0, 100),
-                             window_s=_env_number(ENV_WINDOW_S, 2.0, 0.1, 3600), max_live_sessions=int(max_live))
+    """The settings MICROTURN_ADMIT_P99_FRACTION, MICROTURN_ADMIT_WINDOW_S and MICROTURN_MAX_LIVE_SESSIONS
+    give (sglang_microturn.config; SettingError on a bad value)."""
+    return AdmissionSettings(p99_fraction=config.value(config.ADMIT_P99_FRACTION),
+                             window_s=config.value(config.ADMIT_WINDOW_S),
+                             max_live_sessions=config.value(config.MAX_LIVE_SESSIONS))
 
 
 class AdmissionRefused(Exception):

@@ -25,14 +25,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 from dataclasses import dataclass
+
+from sglang_microturn import config
 
 logger = logging.getLogger(__name__)
 
 NAME = "microturn"
-ENV_SESSIONS = "MICROTURN_WARMUP_SESSIONS"
-DEFAULT_SESSIONS = 64
+ENV_SESSIONS = config.WARMUP_SESSIONS
 FLUSH_TIMEOUT_S = 10.0  # the scheduler flushes once the closed sessions are released
 # Chunk lengths: the default micro-turn block (97 ids + the opener) and each integer-specialisation class.
 CHUNKS = (98, 97, 1, 16, 17, 128, 2, 31)
@@ -64,16 +64,7 @@ def warmup_plan(max_sessions: int) -> list[Round]:
 
 
 def read_sessions() -> int:
-    raw = os.environ.get(ENV_SESSIONS)
-    if raw is None:
-        return DEFAULT_SESSIONS
-    try:
-        n = int(raw)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 4096:
-        raise SystemExit(f"sglang-microturn: {ENV_SESSIONS}={raw!r}: want a session count in [0, 4096] (0 = off)")
-    return n
+    return config.value(config.WARMUP_SESSIONS)
 
 
 def _ids(session: int, turn: int, n: int, vocab: int) -> list[int]:

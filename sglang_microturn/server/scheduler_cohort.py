@@ -23,13 +23,14 @@ now or a few milliseconds later. Costs O(1) per iteration (the queue head is the
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
+from sglang_microturn import config
+
 TARGET = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
-ENV_WAIT_MS = "MICROTURN_COHORT_WAIT_MS"
-DEFAULT_WAIT_MS = 10.0
+ENV_WAIT_MS = config.COHORT_WAIT_MS
+DEFAULT_WAIT_MS = config.SETTINGS[ENV_WAIT_MS].default
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,7 @@ class CohortPolicy:
 
 
 def read_wait_ms() -> float:
-    raw = os.environ.get(ENV_WAIT_MS)
-    if raw is None:
-        return DEFAULT_WAIT_MS
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = -1.0
-    if not 0 <= ms <= 1000:  # also NaN
-        # SystemExit, as the plugin's other refusals: SGLang's plugin loader only logs ordinary exceptions.
-        raise SystemExit(f"sglang-microturn: {ENV_WAIT_MS}={raw!r}: want milliseconds in [0, 1000] (0 = off)")
-    return ms
+    return config.value(config.COHORT_WAIT_MS)
 
 
 def make_hook(policy: CohortPolicy):

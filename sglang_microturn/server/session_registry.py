@@ -16,13 +16,15 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from sglang_microturn import protocol
 from sglang_microturn.server.realtime_deadlines import DeadlineStats
 
 
 class MicroTurnError(Exception):
-    """An API error: HTTP status + message naming what was wrong."""
+    """An API error: its `name` (sglang_microturn.protocol, which maps names to HTTP statuses) and a message
+    naming what was wrong."""
 
-    status = 400
+    name = protocol.BAD_REQUEST
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -30,35 +32,35 @@ class MicroTurnError(Exception):
 
 
 class BadRequest(MicroTurnError):
-    status = 400
+    name = protocol.BAD_REQUEST
 
 
 class SessionNotFound(MicroTurnError):
-    status = 404
+    name = protocol.SESSION_NOT_FOUND
 
 
 class SessionBusy(MicroTurnError):
-    status = 409
+    name = protocol.SESSION_BUSY
 
 
 class LengthMismatch(MicroTurnError):
     """The append's `expected_length` precondition failed: the client's view of the session is stale."""
 
-    status = 412
+    name = protocol.LENGTH_MISMATCH
 
 
 class SessionGone(MicroTurnError):
-    status = 410
+    name = protocol.SESSION_GONE
 
 
 class OverBudget(MicroTurnError):
-    status = 429
+    name = protocol.OVER_BUDGET
 
 
 class OverCapacity(MicroTurnError):
     """A new session would take the server past what it serves in time (realtime_admission)."""
 
-    status = 429
+    name = protocol.OVER_CAPACITY
 
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)
@@ -86,7 +88,10 @@ class SessionOptions:
 
 
 @dataclass
-class MicroTurnSession:
+class SessionRecord:
+    """One session as the HTTP process keeps it, owned by the registry from `open` until the server stops
+    (closed and expired records stay, so a late call gets 410, not 404)."""
+
     session_id: str
     options: SessionOptions
     tokens: list[int] = field(default_factory=list)  # the committed sequence
@@ -135,7 +140,7 @@ class SessionRegistry:
         self.vocab_size = vocab_size
         self.max_chunk_tokens = max_chunk_tokens
         self.bos_id = bos_id
-        self.sessions: dict[str, MicroTurnSession] = {}
+        self.sessions: dict[str, SessionRecord] = {}
         self._used = 0  # sum over open sessions of footprint(); kept incrementally
         self.open_sessions = 0
         self._last_sweep = 0.0
@@ -143,7 +148,7 @@ class SessionRegistry:
 
     # -- budget --
 
-    def _footprint(self, s: MicroTurnSession) -> int:
+    def _footprint(self, s: SessionRecord) -> int:
         return len(s.tokens) + s.in_flight_reserve
 
     @staticmethod
@@ -162,23 +167,24 @@ class SessionRegistry:
 
     # -- lifecycle --
 
-    def open(self, options: SessionOptions) -> MicroTurnSession:
+    def open(self, options: SessionOptions) -> SessionRecord:
         headroom = self._turn_reserve(self.max_chunk_tokens, options.output_budget)
         self._admit(headroom, "opening a session")
-        session = MicroTurnSession(secrets.token_hex(16), options)  # 128 random bits: unguessable
+        session = SessionRecord(secrets.token_hex(16), options)  # 128 random bits: unguessable
         self.sessions[session.session_id] = session
         self.open_sessions += 1
         return session
 
-    def get(self, session_id: str) -> MicroTurnSession:
+    def get(self, session_id: str) -> SessionRecord:
         session = self.sessions.get(session_id)
         if session is None:
             raise SessionNotFound(f"unknown session {session_id!r}")
         return session
 
-    def begin_append(self, session_id: str, input_ids: list[int], output_budget: int,
-                     expected_length: int | None = None) -> MicroTurnSession:
-        """Validate and reserve one append; the caller must end it with `commit` or `abandon`.
+    def begin_append(self, session_id: str, input_ids: list[int], output_budget: int | None = None,
+                     expected_length: int | None = None) -> tuple[SessionRecord, int]:
+        """Validate and reserve one append; the caller must end it with `commit` or `abandon`. Returns the
+        session and this append's output budget (`output_budget`, or the session's default when None).
 
         `expected_length` (optional) is the committed length the client believes the session has. A client
         that lost a response (e.g. dropped its connection) sends it on the next append: a late-arriving copy
@@ -192,15 +198,16 @@ class SessionRegistry:
         if expected_length is not None and expected_length != len(session.tokens):
             raise LengthMismatch(f"session {session_id} has {len(session.tokens)} committed tokens, not the "
                                  f"expected {expected_length}; re-read it with GET /microturn/sessions/{session_id}")
-        self._validate_chunk(session, input_ids, output_budget)
-        reserve = self._turn_reserve(len(input_ids), output_budget)
-        self._admit(reserve, f"appending {len(input_ids)} input + {output_budget} output tokens")
+        budget = session.options.output_budget if output_budget is None else output_budget
+        self._validate_chunk(session, input_ids, budget)
+        reserve = self._turn_reserve(len(input_ids), budget)
+        self._admit(reserve, f"appending {len(input_ids)} input + {budget} output tokens")
         session.in_flight_reserve = reserve
         self._used += reserve
         session.touch()
-        return session
+        return session, budget
 
-    def commit(self, session: MicroTurnSession, input_ids: list[int], output_ids: list[int]) -> None:
+    def commit(self, session: SessionRecord, input_ids: list[int], output_ids: list[int]) -> None:
         """The scheduler finished the append: both blocks are now part of the session's sequence."""
         self._end(session)
         session.tokens.extend(input_ids)
@@ -209,17 +216,17 @@ class SessionRegistry:
         if session.state is SessionState.OPEN:
             self._used += len(input_ids) + len(output_ids)
 
-    def abandon(self, session: MicroTurnSession) -> None:
+    def abandon(self, session: SessionRecord) -> None:
         """The append was aborted or failed: the session's sequence is unchanged."""
         self._end(session)
 
-    def _end(self, session: MicroTurnSession) -> None:
+    def _end(self, session: SessionRecord) -> None:
         if session.state is SessionState.OPEN:
             self._used -= session.in_flight_reserve
         session.in_flight_reserve = 0
         session.touch()
 
-    def close(self, session_id: str) -> tuple[MicroTurnSession, bool]:
+    def close(self, session_id: str) -> tuple[SessionRecord, bool]:
         """Close (idempotent). Returns the session and whether this call closed it."""
         session = self.get(session_id)
         if session.state is not SessionState.OPEN:
@@ -227,12 +234,12 @@ class SessionRegistry:
         self._retire(session, SessionState.CLOSED)
         return session, True
 
-    def _retire(self, session: MicroTurnSession, state: SessionState) -> None:
+    def _retire(self, session: SessionRecord, state: SessionState) -> None:
         self._used -= self._footprint(session)
         self.open_sessions -= 1
         session.state = state
 
-    def sweep_idle(self, now: float | None = None) -> list[MicroTurnSession]:
+    def sweep_idle(self, now: float | None = None) -> list[SessionRecord]:
         """Expire open sessions idle past their timeout (at most once per `sweep_interval_s`) and return them;
         the caller closes them in SGLang, which frees their KV."""
         now = time.monotonic() if now is None else now
@@ -250,7 +257,7 @@ class SessionRegistry:
 
     # -- validation --
 
-    def _validate_chunk(self, session: MicroTurnSession, input_ids: list[int], output_budget: int) -> None:
+    def _validate_chunk(self, session: SessionRecord, input_ids: list[int], output_budget: int) -> None:
         if not input_ids:
             raise BadRequest("input_ids is empty: a micro-turn appends at least one input token")
         if len(input_ids) > self.max_chunk_tokens:

@@ -23,8 +23,10 @@ import sys
 import time
 from typing import NamedTuple
 
-ENV = "MICROTURN_LOG_STALLS"
-GC_MS_ENV = "MICROTURN_STALL_LOG_GC_MS"
+from sglang_microturn import config
+
+ENV = config.LOG_STALLS
+GC_MS_ENV = config.STALL_LOG_GC_MS
 PREFIX = "[microturn] stall:"
 
 
@@ -89,22 +91,10 @@ def _install_gc_callback(threshold_s: float) -> None:
     gc.callbacks.append(on_gc)
 
 
-def _gc_threshold_s() -> float:
-    raw = os.environ.get(GC_MS_ENV, "20")
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = -1.0
-    if not ms >= 0:  # also NaN
-        # SystemExit, as the plugin's other refusals: SGLang's plugin loader only logs ordinary exceptions.
-        raise SystemExit(f"sglang-microturn: {GC_MS_ENV}={raw!r}: want a number of milliseconds >= 0")
-    return ms / 1e3
-
-
 def install() -> str:
-    if os.environ.get(ENV, "0") != "1":
+    if not config.value(config.LOG_STALLS):
         return "stall log off"
-    threshold_s = _gc_threshold_s()  # before anything is installed: a bad value changes nothing
+    threshold_s = config.value(config.STALL_LOG_GC_MS) / 1e3  # before anything is installed: a bad value changes nothing
     # Idempotent: the plugin may be registered twice in one process.
     if not any(getattr(cb, "microturn_stall_log", False) for cb in gc.callbacks):
         _install_compile_hooks()

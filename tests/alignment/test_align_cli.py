@@ -22,7 +22,8 @@ from sglang_microturn.alignment.record import (
     write_record,
 )
 from sglang_microturn.model.checkpoints import preset, write_checkpoint
-from sglang_microturn.model.reference_model import load_reference, score_aligned
+from sglang_microturn.model.reference_model import load_reference
+from sglang_microturn.alignment.aligned_reference import score_aligned
 
 SEQ, FIRST_GENERATED = 30, 12
 

@@ -12,7 +12,8 @@ from sglang_aligned_rig import FAST_TINY_MOE
 
 from microturn_kernels import moe_gemv
 from sglang_microturn.model.checkpoints import preset, write_checkpoint
-from sglang_microturn.model.reference_model import load_reference, score, score_aligned
+from sglang_microturn.model.reference_model import load_reference, score
+from sglang_microturn.alignment.aligned_reference import score_aligned
 
 SEQ = 40
 

@@ -22,7 +22,8 @@ from microturn_kernels.moe_gemv import MoeGemvConfig
 from sglang_microturn.alignment.aligned_forward import RankForward, forward_hidden, logits
 from sglang_microturn.model.checkpoints import preset, write_checkpoint
 from sglang_microturn.alignment.fixed_order_allreduce import fixed_order_all_reduce
-from sglang_microturn.model.reference_model import AlignedKVCache, load_reference, score, score_aligned, token_logprobs
+from sglang_microturn.model.reference_model import load_reference, score, token_logprobs
+from sglang_microturn.alignment.aligned_reference import AlignedKVCache, score_aligned
 from sglang_microturn.alignment.tensor_parallel_shards import ShardingError, shard_weights
 
 SEQ = 24

@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-from sglang_microturn.cli.serve import MICROTURN_DEFAULTS, AlignmentModeError, alignment_args, launch_argv
+from sglang_microturn.cli.serve import SERVE_DEFAULTS, AlignmentModeError, alignment_args, launch_argv
 
 
 def test_defaults_and_default_model_are_added():
     argv = launch_argv(["--port", "31000"], "/cache/default")
     assert argv[:3] == [sys.executable, "-m", "sglang.launch_server"]
     assert argv[3:5] == ["--model-path", "/cache/default"]
-    for flag, value, _ in MICROTURN_DEFAULTS:
+    for flag, value, _ in SERVE_DEFAULTS:
         i = argv.index(flag)
         assert value is None or argv[i + 1] == value
     assert argv[-2:] == ["--port", "31000"]

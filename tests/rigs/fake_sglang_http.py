@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from sglang_microturn.cli.server_process import free_port
-from sglang_microturn.server.api_handlers import mount
+from sglang_microturn.server.routes import mount
 
 VOCAB = 1000
 BOS = 0

@@ -27,7 +27,8 @@ CHUNKS = [13, 1, 1, 25]
 def main(ckpt: str, port: int) -> dict:
     from microturn_kernels import moe_gemv
     from sglang_model_rig import sglang_cpu_model
-    from sglang_microturn.model.reference_model import AlignedKVCache, load_reference, score_aligned, token_logprobs
+    from sglang_microturn.model.reference_model import load_reference, token_logprobs
+    from sglang_microturn.alignment.aligned_reference import AlignedKVCache, score_aligned
 
     moe_gemv._CONFIGS.update(FAST_TINY_MOE)
     ids = torch.randint(0, 832, (SEQ,), generator=torch.Generator().manual_seed(0))

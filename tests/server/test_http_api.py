@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 from fake_sglang_http import BOS, VOCAB, FakeTokenizerManager, app_for
 
-from sglang_microturn.server.api_handlers import Backend, MicroTurnAPI, mount
+from sglang_microturn.server.api_handlers import Backend, MicroTurnAPI
+from sglang_microturn.server.routes import mount
 
 @pytest.fixture
 def tm():
@@ -91,7 +92,7 @@ BAD_APPENDS = [
     ({"input_ids": [5, True]}, 400, "list of integers"),
     ({"input_ids": "5 6"}, 400, "must be a list"),
     ({"input_ids": [BOS, 5]}, 400, "BOS"),
-    ({"input_ids": [5], "output_budget": -1}, 400, "must be >= 0"),
+    ({"input_ids": [5], "output_budget": -1}, 400, "output budget -1 is negative"),
     ({"input_ids": [5], "output_budget": 1.5}, 400, "must be an integer"),
     ({}, 400, "missing field 'input_ids'"),
 ]

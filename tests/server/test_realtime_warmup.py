@@ -99,7 +99,7 @@ def test_bad_setting_registers_nothing():
     code = ("import os; os.environ['%s'] = 'many'\n"
             "from sglang.srt.entrypoints import warmup\n"
             "from sglang_microturn.server import realtime_warmup\n"
-            "try:\n    realtime_warmup.install(lambda: None)\nexcept SystemExit as e:\n    print(e)\n"
+            "try:\n    realtime_warmup.install(lambda: None)\nexcept ValueError as e:\n    print(e)\n"
             "print(%r in warmup._warmup_registry)" % (ENV_SESSIONS, NAME))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     lines = out.stdout.strip().splitlines()

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from sglang_microturn.config import SettingError
 from sglang_microturn.server import scheduler_cohort
 from sglang_microturn.server.scheduler_cohort import ENV_WAIT_MS, TARGET, CohortPolicy, make_hook, read_wait_ms
 
@@ -86,7 +87,7 @@ def test_setting_default_and_bad_values_refused(monkeypatch):
     assert scheduler_cohort.install() == "cohort prefill off"
     for bad in ("ten", "-1", "nan", "5000"):
         monkeypatch.setenv(ENV_WAIT_MS, bad)
-        with pytest.raises(SystemExit, match=f"{ENV_WAIT_MS}='{bad}'"):
+        with pytest.raises(SettingError, match=f"{ENV_WAIT_MS}='{bad}'"):
             scheduler_cohort.install()
 
 
@@ -94,7 +95,7 @@ def test_bad_value_registers_nothing():
     code = ("import os; os.environ['%s'] = 'x'\n"
             "from sglang.srt.plugins.hook_registry import HookRegistry\n"
             "from sglang_microturn.server import scheduler_cohort\n"
-            "try:\n    scheduler_cohort.install()\nexcept SystemExit:\n    pass\n"
+            "try:\n    scheduler_cohort.install()\nexcept ValueError:\n    pass\n"
             "print(%r in HookRegistry._hooks)" % (ENV_WAIT_MS, TARGET))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

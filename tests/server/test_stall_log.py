@@ -12,6 +12,7 @@ import triton.language as tl
 from triton import knobs
 from triton.runtime.jit import JitFunctionInfo
 
+from sglang_microturn.config import SettingError
 from sglang_microturn.server import stall_log
 @pytest.fixture
 def clean(monkeypatch):
@@ -93,7 +94,7 @@ def test_a_bad_gc_threshold_stops_with_a_clear_message_and_installs_nothing(clea
     clean.setenv(stall_log.ENV, "1")
     clean.setenv(stall_log.GC_MS_ENV, bad)
     callbacks = gc.callbacks[:]
-    with pytest.raises(SystemExit, match=f"{stall_log.GC_MS_ENV}=.*want a number of milliseconds >= 0"):
+    with pytest.raises(SettingError, match=f"{stall_log.GC_MS_ENV}=.*want a number of milliseconds >= 0"):
         stall_log.install()
     assert gc.callbacks == callbacks
     assert knobs.runtime.jit_cache_hook is None and knobs.runtime.jit_post_compile_hook is None

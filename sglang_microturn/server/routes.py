@@ -1,0 +1,151 @@
+"""The /microturn routes in SGLang's HTTP server process: an ASGI front ahead of SGLang's FastAPI app, the
+four routes it serves, the JSON error shape, and the plugin hook that mounts them.
+
+Errors are JSON `{"error": {"code", "message"}}` with the status sglang_microturn/protocol.py gives the
+domain error's name. Routes sit behind SGLang's API-key middleware like SGLang's own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, Router
+
+from sglang_microturn import protocol
+from sglang_microturn.server.api_handlers import Backend, MicroTurnAPI
+from sglang_microturn.server.api_requests import parse_json_body
+from sglang_microturn.server.session_registry import MicroTurnError, OverCapacity
+
+PREFIX = "/microturn"
+
+
+class MicroTurnFront:
+    """ASGI middleware that serves /microturn/* from our own four-route router; every other request goes on to
+    SGLang's FastAPI app unchanged.
+
+    Why not `app.include_router`: FastAPI matches a request against SGLang's whole route table (~150 routes)
+    and runs its per-route machinery; profiled on an H200 at 640 appends/s, routing and FastAPI's request
+    handling took about a quarter of the HTTP process, the process that sets the real-time capacity. Added
+    with `app.add_middleware` before the server starts, it sits inside Starlette's error middleware (an
+    uncaught exception is still a 500) and inside every middleware SGLang adds at launch, its API-key check
+    included (`launch_server` adds that after our BEFORE hook has run)."""
+
+    def __init__(self, app, router: Router):
+        self.app = app
+        self.router = router
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not _route_path(scope).startswith(PREFIX + "/"):
+            return await self.app(scope, receive, send)
+        try:
+            await self.router(scope, receive, send)
+        except HTTPException as e:  # Starlette's method-not-allowed; FastAPI's handlers sit past us
+            await _error(e.status_code, f"{scope['method']} {scope['path']}: {e.detail}")(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": status, "message": message}}, status_code=status, headers=headers)
+
+
+def build_router(api: MicroTurnAPI) -> Router:
+    async def json_body(request: Request) -> dict:
+        return parse_json_body(await request.body())
+
+    async def guarded(handler, *args):
+        try:
+            await api.sweep()
+            return JSONResponse(await handler(*args))
+        except OverCapacity as e:
+            return _error(protocol.status_of(e.name), e.message, {"Retry-After": str(e.retry_after_s)})
+        except MicroTurnError as e:
+            return _error(protocol.status_of(e.name), e.message)
+        except ValueError as e:  # SGLang's own request validation (e.g. context length)
+            return _error(protocol.status_of(protocol.BAD_REQUEST), str(e))
+
+    def disconnect_waiter(request: Request):
+        async def wait():
+            while True:
+                if (await request.receive())["type"] == "http.disconnect":
+                    return
+
+        return wait
+
+    async def open_session(request: Request):
+        return await guarded(lambda: _with_body(request, api.open))
+
+    async def append(request: Request):
+        async def run():
+            body = await json_body(request)
+            return await api.append(body, disconnect_waiter(request))
+
+        return await guarded(run)
+
+    async def close(request: Request):
+        return await guarded(lambda: _with_body(request, api.close))
+
+    async def status(request: Request):
+        async def run():
+            tokens = request.query_params.get("tokens", "0").lower() in ("1", "true", "yes", "on")
+            return api.status(request.path_params["session_id"], tokens)
+
+        return await guarded(run)
+
+    async def _with_body(request, handler):
+        return await handler(await json_body(request))
+
+    async def not_found(scope, receive, send):
+        await _error(404, f"no micro-turn route {scope['method']} {scope['path']}")(scope, receive, send)
+
+    return Router(routes=[
+        Route(f"{PREFIX}/open", open_session, methods=["POST"]),
+        Route(f"{PREFIX}/append", append, methods=["POST"]),
+        Route(f"{PREFIX}/close", close, methods=["POST"]),
+        Route(f"{PREFIX}/sessions/{{session_id}}", status, methods=["GET"]),
+    ], default=not_found)
+
+
+def mount(app, api: MicroTurnAPI) -> None:
+    """Serve `api` in front of `app` (a Starlette/FastAPI app that has not started yet)."""
+    app.add_middleware(MicroTurnFront, router=build_router(api))
+
+
+def _sglang_backend() -> Backend:
+    from sglang.srt.entrypoints.http_server import get_global_state
+
+    state = get_global_state()
+    return Backend(state.tokenizer_manager, int(state.scheduler_info["max_total_num_tokens"]))
+
+
+def add_routes(app, backend: Callable[[], Backend] = _sglang_backend) -> MicroTurnAPI:
+    api = MicroTurnAPI(backend)
+    mount(app, api)
+    return api
+
+
+def install() -> str:
+    """Register the routes and the warm-up that drives them (HTTP server process only: scheduler processes
+    serve no HTTP)."""
+    if multiprocessing.parent_process() is not None:
+        return "microturn API (HTTP process only)"
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from sglang_microturn.server import realtime_warmup
+    api = MicroTurnAPI(_sglang_backend)  # the backend resolves on first use; a bad setting raises SettingError
+
+    def before_http_launch(*args, **kwargs):
+        from sglang.srt.entrypoints import http_server
+
+        mount(http_server.app, api)
+
+    warmup = realtime_warmup.install(lambda: api)  # before registering: a bad setting registers nothing
+    HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", before_http_launch, HookType.BEFORE)
+    return f"HTTP API {PREFIX}/{{open,append,close,sessions}}; {warmup}"
