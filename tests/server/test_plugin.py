@@ -58,3 +58,10 @@ def test_sglang_loader_stops_when_a_patch_is_missing(tmp_path):
     proc = _load_plugins_in_subprocess({"MICROTURN_PATCHES_DIR": str(tmp_path)})
     assert proc.returncode != 0 and "LOADED" not in proc.stdout
     assert "0099-demo.patch (not applied); run `sglang-microturn patch apply`" in proc.stderr
+
+
+def test_a_bad_setting_stops_register_with_one_line_naming_it(monkeypatch):
+    monkeypatch.setenv("MICROTURN_COHORT_WAIT_MS", "soon")
+    with pytest.raises(SystemExit) as exc:
+        plugin.register()
+    assert str(exc.value) == "sglang-microturn: MICROTURN_COHORT_WAIT_MS='soon': want milliseconds in [0, 1000] (0 = off)"

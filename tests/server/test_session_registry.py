@@ -1,0 +1,87 @@
+"""The session registry on its own (no HTTP, no SGLang): the committed sequence, one append at a time, the
+shared KV budget, idle expiry, and the protocol names its errors carry."""
+
+import pytest
+
+from sglang_microturn import protocol
+from sglang_microturn.server.session_registry import (
+    BadRequest,
+    LengthMismatch,
+    OverBudget,
+    SessionBusy,
+    SessionGone,
+    SessionNotFound,
+    SessionOptions,
+    SessionRegistry,
+    SessionState,
+)
+
+
+@pytest.fixture
+def registry():
+    return SessionRegistry(kv_budget_tokens=100, vocab_size=50, max_chunk_tokens=8, bos_id=0)
+
+
+def test_append_commits_input_and_output_and_uses_the_sessions_default_budget(registry):
+    session = registry.open(SessionOptions(output_budget=3))
+    assert registry.used_tokens() == 0
+    same, budget = registry.begin_append(session.session_id, [0, 5, 6])
+    assert same is session and budget == 3 and session.in_flight and registry.used_tokens() == 6
+    registry.commit(session, [0, 5, 6], [7, 8])
+    assert session.tokens == [0, 5, 6, 7, 8] and not session.in_flight and registry.used_tokens() == 5
+    _, budget = registry.begin_append(session.session_id, [9], output_budget=0)  # listen only
+    assert budget == 0
+    registry.abandon(session)
+    assert session.tokens == [0, 5, 6, 7, 8] and registry.used_tokens() == 5 and session.appends == 1
+
+
+@pytest.mark.parametrize("ids, budget, error, message", [
+    ([], None, BadRequest, "input_ids is empty"),
+    (list(range(1, 10)), None, BadRequest, "exceeds the 8-token limit"),
+    ([5, 50], None, BadRequest, "input id 50 is outside the vocabulary"),
+    ([0, 5], None, BadRequest, "starts with the BOS id 0"),
+    ([5], -1, BadRequest, "output budget -1 is negative"),
+    ([5], 99, OverBudget, "needs 100 KV tokens"),
+])
+def test_a_refused_append_changes_nothing(registry, ids, budget, error, message):
+    session = registry.open(SessionOptions())
+    registry.begin_append(session.session_id, [0, 1])
+    registry.commit(session, [0, 1], [])
+    used = registry.used_tokens()
+    with pytest.raises(error, match=message):
+        registry.begin_append(session.session_id, ids, budget)
+    assert session.tokens == [0, 1] and not session.in_flight and registry.used_tokens() == used
+
+
+def test_one_append_at_a_time_and_the_expected_length_precondition(registry):
+    sid = registry.open(SessionOptions()).session_id
+    session, _ = registry.begin_append(sid, [1])
+    with pytest.raises(SessionBusy):
+        registry.begin_append(sid, [2])
+    registry.commit(session, [1], [2])
+    with pytest.raises(LengthMismatch, match="has 2 committed tokens, not the expected 1"):
+        registry.begin_append(sid, [3], expected_length=1)
+    registry.begin_append(sid, [3], expected_length=2)
+
+
+def test_closed_and_expired_sessions_are_gone_and_free_their_budget(registry):
+    closed = registry.open(SessionOptions())
+    registry.begin_append(closed.session_id, [1, 2])
+    registry.commit(closed, [1, 2], [3])
+    assert registry.close(closed.session_id) == (closed, True)
+    assert registry.close(closed.session_id) == (closed, False)  # idempotent
+    idle = registry.open(SessionOptions(idle_timeout_s=5))
+    assert registry.sweep_idle(now=idle.last_activity + 6) == [idle] and idle.state is SessionState.EXPIRED
+    assert registry.used_tokens() == 0 and registry.open_sessions == 0
+    for session in (closed, idle):
+        with pytest.raises(SessionGone):
+            registry.begin_append(session.session_id, [1])
+    with pytest.raises(SessionNotFound):
+        registry.get("nope")
+
+
+def test_errors_carry_protocol_names_not_http_codes():
+    for error, name in ((BadRequest, protocol.BAD_REQUEST), (SessionNotFound, protocol.SESSION_NOT_FOUND),
+                        (SessionBusy, protocol.SESSION_BUSY), (SessionGone, protocol.SESSION_GONE),
+                        (LengthMismatch, protocol.LENGTH_MISMATCH), (OverBudget, protocol.OVER_BUDGET)):
+        assert error.name == name and not hasattr(error, "status")
