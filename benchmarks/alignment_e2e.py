@@ -21,7 +21,7 @@
 Two server starts (~100 s each with --disable-prefill-cuda-graph --cuda-graph-max-bs-decode 64); about
 300-400 s in all on an H100 at the defaults.
 
-    python3 benchmarks/alignment_e2e.py --out benchmarks/results/alignment_e2e_h100.json --log-dir /tmp
+    python3 -m benchmarks.alignment_e2e --out benchmarks/results/alignment_e2e_h100.json --log-dir /tmp
 """
 
 from __future__ import annotations
@@ -29,22 +29,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from microturn_latency import COMMON_FLAGS, run_ours  # noqa: E402
-from model_alignment_check import synthetic_turns  # noqa: E402
-from run_record import write_result  # noqa: E402
-from sglang_microturn.cli.server_process import ServerProcess  # noqa: E402
+from benchmarks.run_record import write_result
+from benchmarks.servers import COMMON_FLAGS, benchmark_parser, microturn_exe
+from benchmarks.workloads import run_ours, synthetic_turns
+from sglang_microturn.cli.server_process import ServerProcess
 
-from sglang_microturn.server import stall_log  # noqa: E402
-from sglang_microturn.alignment.align import PathReport, compare, reference_logprobs, server_logprobs  # noqa: E402
-from sglang_microturn.alignment.record import AlignmentRecord, record_from_turns, write_record  # noqa: E402
-from sglang_microturn.client import MicroTurnClient  # noqa: E402
-from sglang_microturn.format.layout import DEFAULT_LAYOUT  # noqa: E402
+from sglang_microturn.server import stall_log
+from sglang_microturn.alignment.align import PathReport, compare, reference_logprobs, server_logprobs
+from sglang_microturn.alignment.record import AlignmentRecord, record_from_turns, write_record
+from sglang_microturn.client import MicroTurnClient
+from sglang_microturn.format.layout import DEFAULT_LAYOUT
 
 OVERHEAD_TARGET = 0.05  # alignment mode within 5 % of the default mode
 # Unrecorded first turns of every overhead session: the first time a batch shape appears a server compiles
@@ -130,10 +128,7 @@ def non_negative_int(text: str) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--log-dir", default="/tmp")
-    p.add_argument("--port", type=int, default=30000)
+    p = benchmark_parser(__doc__)
     p.add_argument("--sessions", type=int, default=8, help="concurrent sessions for the alignment check")
     p.add_argument("--turns", type=int, default=200, help="micro-turns per session for the alignment check")
     p.add_argument("--latency-turns", type=int, default=200, help="turns of the 1-session latency scenario")
@@ -143,12 +138,11 @@ def main() -> int:
                    help="seeded sessions at temperature > 0, each run twice (0: skip)")
     p.add_argument("--model-path", default=None, help="default: the serve default (small preset)")
     p.add_argument("--overhead-only", action="store_true", help="skip the alignment check (part 1)")
-    p.add_argument("sglang_args", nargs="*", help="extra SGLang flags for both servers (after --)")
     args = p.parse_args()
 
     from sglang_microturn.model.default_model import ensure_default_checkpoint
 
-    exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH: pip install -e . first")
+    exe = microturn_exe()
     model_path = args.model_path or str(ensure_default_checkpoint())
     url = f"http://127.0.0.1:{args.port}"
     log_dir = Path(args.log_dir)

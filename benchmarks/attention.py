@@ -1,6 +1,6 @@
 """Aligned split-KV attention vs SGLang's Triton attention on one GPU, side by side, written as JSON.
 
-    python3 benchmarks/attention.py --out benchmarks/results/attention_<card>.json
+    python3 -m benchmarks.attention --out benchmarks/results/attention_<card>.json
 
 Shapes: 32 q heads / 8 kv heads (GQA group 4), head_dim 128, bf16, page size 1 (contiguous slots per
 request), server context length 65536 (sets SGLang deterministic max_kv_splits and our split-grid size).
@@ -29,7 +29,6 @@ import dataclasses
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -290,8 +289,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("attention benchmark needs a CUDA GPU: none found, nothing measured", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_record import write_result
+    from benchmarks.run_record import write_result
 
     from microturn_kernels.aligned_attention import AlignedAttentionConfig
 

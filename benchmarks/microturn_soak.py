@@ -11,27 +11,25 @@ acknowledged; then one session is grown until an append gets 429, opening anothe
 too, closing that session must let an open through; all sessions close and the server must stay healthy
 through an idle period (SGLang's idle memory check raises on any leaked KV slot).
 
-    python3 benchmarks/microturn_soak.py --sessions 32 --turns 3000 --out benchmarks/results/soak_h100.json
+    python3 -m benchmarks.microturn_soak --sessions 32 --turns 3000 --out benchmarks/results/soak_h100.json
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
 import random
-import shutil
 import sys
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_record import write_result  # noqa: E402
-from sglang_microturn.cli.server_process import ServerProcess  # noqa: E402
+from benchmarks.run_record import write_result
+from benchmarks.servers import benchmark_parser, serve_argv
+from sglang_microturn.cli.server_process import ServerProcess
 
-from sglang_microturn.model.checkpoints import preset  # noqa: E402
-from sglang_microturn.client import (  # noqa: E402
+from sglang_microturn.model.checkpoints import preset
+from sglang_microturn.client import (
     HTTPConnection,
     LengthMismatchError,
     MicroTurnClient,
@@ -247,10 +245,7 @@ def healthy(url: str) -> bool:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--log", default="/tmp/server_soak.log")
-    p.add_argument("--port", type=int, default=30000)
+    p = benchmark_parser(__doc__, log="/tmp/server_soak.log")
     p.add_argument("--sessions", type=int, default=32)
     p.add_argument("--turns", type=int, default=3000)
     p.add_argument("--p-disconnect", type=float, default=0.02)
@@ -259,7 +254,6 @@ def main() -> int:
                    help="MICROTURN_SESSION_KV_TOKENS for the server (default: sessions * (turns * 24 + 600))")
     p.add_argument("--budget-chunk", type=int, default=512)
     p.add_argument("--idle-s", type=float, default=5.0, help="idle time at the end (SGLang's idle memory check)")
-    p.add_argument("sglang_args", nargs="*")
     args = p.parse_args()
     args.vocab = preset("small").vocab_size  # the serve default's vocabulary
     # Room for every session's turns plus one micro-turn of headroom each: the main phase never hits the
@@ -267,8 +261,7 @@ def main() -> int:
     budget = args.kv_budget or args.sessions * (args.turns * (CHUNK + OUT_TOKENS) + 600)
     env = dict(os.environ, SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY="1",
                SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE="1", MICROTURN_SESSION_KV_TOKENS=str(budget))
-    exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH")
-    argv = [exe, "serve", "--port", str(args.port), "--disable-prefill-cuda-graph", *args.sglang_args]
+    argv = serve_argv(args.port, "--disable-prefill-cuda-graph", *args.sglang_args)
     url = f"http://127.0.0.1:{args.port}"
     with ServerProcess(argv, args.port, args.log, env=env) as srv:
         result = asyncio.run(soak(url, args))

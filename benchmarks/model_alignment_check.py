@@ -13,49 +13,29 @@ differs by median 0.018 / p90 0.051 / p95 0.081 / p99 0.91 / max 1.9 nats: a nea
 another expert in bf16 for a few percent of tokens, so the tail is recorded but not gated. A real mismatch
 is far above the gate (one layer's shared expert dropped: median 0.59; wrong RoPE base: median 0.73).
 
-    python3 benchmarks/model_alignment_check.py --out benchmarks/results/model_alignment_<card>.json
+    python3 -m benchmarks.model_alignment_check --out benchmarks/results/model_alignment_<card>.json
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
 import sys
 import time
 
-import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_record import write_result  # noqa: E402
-from sglang_microturn.cli.server_process import ServerProcess  # noqa: E402
+from benchmarks.run_record import write_result
+from benchmarks.servers import benchmark_parser, serve_argv
+from benchmarks.workloads import synthetic_turns
+from sglang_microturn.cli.server_process import ServerProcess
 
-from sglang_microturn.format.dmel import DMelStream, is_silent  # noqa: E402
-from sglang_microturn.format.layout import DEFAULT_LAYOUT, InputEvents, LayoutError  # noqa: E402
+from sglang_microturn.format.layout import DEFAULT_LAYOUT, InputEvents, LayoutError
 
 MEDIAN_TOL = 0.05  # nats; see the module docstring and docs/layout.md
 P90_TOL = 0.15
 
 
-def synthetic_turns(n: int, seed: int = 0) -> list[InputEvents]:
-    """n micro-turns of user input: speech-like audio in bursts, some typed text, some silence."""
-    rng = np.random.default_rng(seed)
-    spec = DEFAULT_LAYOUT.spec
-    stream = DMelStream()
-    t = np.arange(n * spec.samples_per_turn) / spec.sample_rate
-    burst = (np.sin(2 * np.pi * 0.35 * t) > 0.2).astype(np.float64)  # talk ~40% of the time
-    pcm = burst * (0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.1 * np.sin(3 * t))) + rng.normal(0, 0.05, len(t)))
-    words = [b"hi", b"", b"", b"wait", b"", b"ok so", b""]
-    events = []
-    for k in range(n):
-        codes = stream.push(pcm[k * spec.samples_per_turn:(k + 1) * spec.samples_per_turn])
-        events.append(InputEvents(audio=None if is_silent(codes) else codes, text=words[k % len(words)]))
-    return events
-
-
 def serve_session(args, model_path: str, events: list[InputEvents]) -> tuple[dict, list[int], list[dict]]:
-    exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH: pip install -e . first")
-    argv = [exe, "serve", "--model-path", model_path, "--port", str(args.port), *args.sglang_args]
+    argv = serve_argv(args.port, *args.sglang_args, model_path=model_path)
     env = {**os.environ, "SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}
     seq: list[int] = []
     generated: list[dict] = []  # per generated token: position, id, SGLang logprob
@@ -131,15 +111,11 @@ def compare(model_path: str, seq: list[int], generated: list[dict], device: str 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--log", default="/tmp/alignment_server.log")
-    p.add_argument("--port", type=int, default=30000)
+    p = benchmark_parser(__doc__, log="/tmp/alignment_server.log")
     p.add_argument("--turns", type=int, default=50)
     p.add_argument("--model-path", default=None, help="default: the serve default (small preset)")
     p.add_argument("--median-tol", type=float, default=MEDIAN_TOL)
     p.add_argument("--p90-tol", type=float, default=P90_TOL)
-    p.add_argument("sglang_args", nargs="*", help="extra SGLang flags (after --)")
     args = p.parse_args()
 
     from sglang_microturn.model.default_model import ensure_default_checkpoint

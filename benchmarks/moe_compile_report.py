@@ -1,7 +1,7 @@
 """Compiler report for the MoE GEMV kernels at every sweep candidate, without a GPU: compiles each distinct
 kernel variant for sm_90 (Triton's bundled ptxas) and prints registers, stack frame and load widths.
 
-    TRITON_INTERPRET=0 python3 benchmarks/moe_compile_report.py [--shapes 0,1,2]
+    TRITON_INTERPRET=0 python3 -m benchmarks.moe_compile_report [--shapes 0,1,2]
 
 A variant with a stack frame or 255 registers spills; registers decide how many programs share an SM.
 Pointers are compiled as 16-byte aligned, as Triton specializes them at launch (SGLang's weights are).
@@ -21,10 +21,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import moe_decode  # noqa: E402
+from benchmarks import moe_shapes
 
-from microturn_kernels import moe_gemv as mg  # noqa: E402
+from microturn_kernels import moe_gemv as mg
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -73,8 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="all", help="comma-separated shape indices 0,1,2 (default all)")
     args = parser.parse_args(argv)
     seen = set()
-    for E, K, D, I in moe_decode.selected_shapes(args):
-        for group, cfg in moe_decode.sweep_candidates(mg.moe_gemv_config(D, I)):
+    for E, K, D, I in moe_shapes.selected_shapes(args):
+        for group, cfg in moe_shapes.sweep_candidates(mg.moe_gemv_config(D, I)):
             for name, kernel, kargs, constexprs, warps, pdl in variants(D, I, K, cfg):
                 key = (name, tuple(constexprs.items()), warps, pdl)
                 if key in seen:

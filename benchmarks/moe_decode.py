@@ -1,7 +1,7 @@
 """MoE decode: microturn gather + GEMV kernels vs SGLang 0.5.17's fused MoE, side by side in one run.
 
-    python3 benchmarks/moe_decode.py --out benchmarks/results/moe_decode_<card>.json
-    python3 benchmarks/moe_decode.py --sweep --out benchmarks/results/moe_sweep_<card>.json
+    python3 -m benchmarks.moe_decode --out benchmarks/results/moe_decode_<card>.json
+    python3 -m benchmarks.moe_decode --sweep --out benchmarks/results/moe_sweep_<card>.json
 
 Needs CUDA and SGLang (exit 2 without CUDA). Per shape (E, top-k, D hidden, I width) and M tokens, times with
 CUDA graphs (N calls captured in one graph, median over replays): SGLang's `fused_experts` called as its
@@ -19,17 +19,15 @@ reference error, bitwise batch invariance), and rewrites the JSON after every st
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_record import write_result  # noqa: E402
+from benchmarks.moe_shapes import DOWN_FIELDS, FLAG_FIELDS, GATE_UP_FIELDS, selected_shapes, sweep_candidates
+from benchmarks.run_record import write_result
 
-SHAPES = [(128, 8, 2048, 768), (8, 2, 4096, 14336), (256, 6, 4096, 2048)]  # (E, K, D, I)
 DECODE_M = [1, 2, 4, 8, 16, 32]
 PREFILL_M = [128, 1024]  # alignment-mode cost at prefill sizes
 ROUTING_SETS = 8
@@ -129,10 +127,6 @@ def measure_bandwidth() -> dict:
     del x, dst
     torch.cuda.empty_cache()
     return results
-
-
-def selected_shapes(args):
-    return SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
 
 
 # ---------------------------------------------------------------------------------------- one shape
@@ -249,34 +243,8 @@ def bench_shape(E, K, D, I, args, bw_read) -> dict:
 # Fields of MoeGemvConfig that belong to each kernel, and the launch-level flags. The sweep varies one group
 # at a time around the shape's table config (the other groups fixed), so a few dozen timings cover it; the
 # best of each group are then merged into one config per shape and timed at every M.
-GATE_UP_FIELDS = ("BLOCK_I", "BLOCK_D", "gate_up_warps", "gate_up_stages")
-DOWN_FIELDS = ("BLOCK_N", "BLOCK_K", "down_warps", "down_stages")
-FLAG_FIELDS = ("evict_first", "pdl", "prefetch_w2")
-GATE_UP_GRID = [  # (BLOCK_I, BLOCK_D, warps, stages): unrolled vs pipelined, narrow vs wide tiles
-    (4, 512, 4, 0), (16, 256, 4, 0), (8, 1024, 8, 0), (16, 512, 8, 0),
-    (8, 512, 4, 2), (8, 512, 4, 3), (16, 256, 4, 3), (4, 1024, 4, 3), (16, 512, 8, 3),
-]  # fmt: skip
-DOWN_GRID = [  # (BLOCK_N, BLOCK_K, warps, stages)
-    (4, 256, 4, 0), (8, 256, 4, 0), (2, 512, 4, 0), (8, 512, 8, 0),
-    (4, 256, 4, 3), (4, 512, 4, 3), (8, 512, 8, 3), (16, 256, 8, 3),
-]  # fmt: skip
-FLAG_GRID = [(True, False, False), (False, True, False), (False, True, True), (True, True, True)]
 SWEEP_M_FOR_RANKING = [1, 2, 4, 8, 16]  # a config's score: geometric mean of its time / default's over these
 SWEEP_REPLAYS = 5
-
-
-def sweep_candidates(base):
-    """(group, config) pairs: the table config, then one group of fields varied at a time."""
-    from dataclasses import replace
-
-    out = {base: "default"}
-    for values in GATE_UP_GRID:
-        out.setdefault(replace(base, **dict(zip(GATE_UP_FIELDS, values))), "gate_up")
-    for values in DOWN_GRID:
-        out.setdefault(replace(base, **dict(zip(DOWN_FIELDS, values))), "down")
-    for values in FLAG_GRID:
-        out.setdefault(replace(base, **dict(zip(FLAG_FIELDS, values))), "flags")
-    return [(group, cfg) for cfg, group in out.items()]
 
 
 def merge_best(base, timed):

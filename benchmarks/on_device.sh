@@ -2,7 +2,7 @@
 # On the GPU machine (device tool), from the repo root, with .devbundle carried (see ../shared/device/README.md):
 # installs the SGLang 0.5.17 bundle and this package, applies our patches, then runs each argument as a shell
 # command. Example:
-#   MICROTURN_GIT_COMMIT=<sha> bash benchmarks/on_device.sh "python3 benchmarks/smoke_session.py --out \$OUT/smoke.json"
+#   MICROTURN_GIT_COMMIT=<sha> bash benchmarks/on_device.sh "python3 -m benchmarks.smoke_session --out \$OUT/smoke.json"
 set -uo pipefail
 bash .devbundle/install.sh /tmp/site >/dev/null || exit 1
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1

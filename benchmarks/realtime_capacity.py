@@ -70,7 +70,8 @@ from pathlib import Path
 import aiohttp
 from tqdm import tqdm
 
-from benchmarks.microturn_latency import stalls_between
+from benchmarks.servers import microturn_exe
+from benchmarks.workloads import stalls_between
 from benchmarks.run_record import write_result
 from sglang_microturn.patchset import patching
 from sglang_microturn.server import stall_log
@@ -545,8 +546,7 @@ def server_command(name: str, args, model: str) -> tuple[list[str], dict]:
     """argv and environment that start server `name` on the model at `model`."""
     port = ["--port", str(args.port)]
     if name == "ours":
-        exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH")
-        return ([exe, "serve", "--model-path", model, *port, *shlex.split(args.ours_flags)],
+        return ([microturn_exe(), "serve", "--model-path", model, *port, *shlex.split(args.ours_flags)],
                 dict(os.environ, **{stall_log.ENV: "1"}))
     return ([sys.executable, "-m", "sglang.launch_server", "--model-path", model, *port,
              "--json-model-override-args", json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}),

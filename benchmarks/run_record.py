@@ -33,7 +33,7 @@ def write_result(path: str | os.PathLike, results: dict) -> Path:
         "card": card_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": " ".join([os.path.basename(sys.executable), *sys.orig_argv[1:]]),  # keeps `-m benchmarks.<name>`
         **results,
     }
     path = Path(path)

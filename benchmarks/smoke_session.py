@@ -3,27 +3,23 @@
 Checks that each turn reuses the whole previous turn (cached_tokens == previous prompt + completion), that the
 plugin loaded in the server processes, and that the server shuts down cleanly. Writes a JSON record.
 
-    python3 benchmarks/smoke_session.py --out benchmarks/results/smoke_<card>.json
+    python3 -m benchmarks.smoke_session --out benchmarks/results/smoke_<card>.json
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_record import write_result  # noqa: E402
-from sglang_microturn.cli.server_process import ServerProcess  # noqa: E402
+from benchmarks.run_record import write_result
+from benchmarks.servers import benchmark_parser, serve_argv
+from sglang_microturn.cli.server_process import ServerProcess
 
 PLUGIN_LINE = "plugin registered:"
 
 
 def run(args) -> dict:
-    exe = shutil.which("sglang-microturn") or sys.exit("sglang-microturn is not on PATH: pip install -e . first")
-    argv = [exe, "serve", "--port", str(args.port), *args.sglang_args]
+    argv = serve_argv(args.port, *args.sglang_args)
     turns, checks = [], {}
     with ServerProcess(argv, args.port, args.log) as server:
         status, sid = server.post("/open_session", {"capacity_of_str_len": 0, "streaming": True})
@@ -64,14 +60,10 @@ def run(args) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--log", default="/tmp/smoke_server.log")
-    p.add_argument("--port", type=int, default=30000)
+    p = benchmark_parser(__doc__, log="/tmp/smoke_server.log")
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--chunk", type=int, default=16)
     p.add_argument("--out-tokens", type=int, default=8)
-    p.add_argument("sglang_args", nargs="*", help="extra SGLang flags (after --)")
     args = p.parse_args()
     result = run(args)
     write_result(args.out, result)

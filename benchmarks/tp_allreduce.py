@@ -1,7 +1,7 @@
 """The fixed-order all-reduce on W GPUs against the backend's own all-reduce: bits and time, written as JSON.
 
-    python3 benchmarks/tp_allreduce.py --out benchmarks/results/tp_allreduce_<card>.json [--world 2]
-    NCCL_ALGO=Tree python3 benchmarks/tp_allreduce.py --out .../tp_allreduce_<card>_tree.json  # one per variant
+    python3 -m benchmarks.tp_allreduce --out benchmarks/results/tp_allreduce_<card>.json [--world 2]
+    NCCL_ALGO=Tree python3 -m benchmarks.tp_allreduce --out .../tp_allreduce_<card>_tree.json  # one per variant
 
 Issue 8's all-reduce measurement (docs/alignment.md, "Tensor parallelism"). Per token count T, bf16 [T, D]
 partials (rank r's from seed r), on every rank:

@@ -7,7 +7,7 @@ Each micro-turn's input (dMel audio codes + typed bytes, or silence) goes throug
 comes back in the same append. The interleaved timeline is printed with each micro-turn's latency.
 
     sglang-microturn serve &                  # or: sglang-microturn demo (starts, runs this, stops)
-    python examples/duplex_chat.py [--url http://127.0.0.1:30000] [--turns 25]
+    python -m sglang_microturn.examples.duplex_chat [--url http://127.0.0.1:30000] [--turns 25]
 
 The default model has random weights: what it "says" is noise; the timing and the layout are the point.
 """

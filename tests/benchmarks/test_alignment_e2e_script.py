@@ -3,8 +3,6 @@ and /microturn API over the stand-in tokenizer manager, and the report arithmeti
 
 import argparse
 import asyncio
-import os
-import sys
 
 import pytest
 

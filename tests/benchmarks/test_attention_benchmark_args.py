@@ -1,7 +1,5 @@
 """benchmarks/attention.py --variants: the config each name stands for, and clear refusals of bad specs."""
 
-import os
-import sys
 
 import pytest
 

@@ -3,20 +3,19 @@ sessions that overlap are one stall event, and the compiles and collections of t
 back from a server log written by stall_log."""
 
 import asyncio
-import os
-import sys
 
 from sglang_microturn.server import stall_log
 from benchmarks import microturn_latency as bench
+from benchmarks import workloads
 
 
 def test_warmup_turns_are_run_but_not_recorded():
-    log = bench.TurnLog(turns=5, warmup=2)
+    log = workloads.TurnLog(turns=5, warmup=2)
     for session in range(3):
         for k in range(5):
             log.add(k, 100.0 + k, 1000.0 if k < 2 else 10.0 + k)  # slow warm-up turns
     assert [len(p) for p in log.by_position] == [3, 3, 3] and len(log.turns) == 9
-    summary = bench.summarize(log, t0=100.0)
+    summary = workloads.summarize(log, t0=100.0)
     assert summary["turns"] == 9 and summary["warmup_turns_per_session"] == 2
     assert summary["wall_s"] == 2.0  # recorded turns start at 102-104 s and last 12-14 ms: the warm-up is out
     assert summary["p99_ms"] == 14.0 and summary["stall_events"] == 0  # the warm-up's 1000 ms are gone
@@ -26,12 +25,12 @@ def test_overlapping_slow_turns_are_one_stall_event():
     turns = [(10.0, 600.0), (10.1, 550.0), (10.3, 300.0),  # three sessions held up by one stall
              (12.0, 250.0),  # another, later
              (13.0, 150.0)]  # under the micro-turn: not a stall
-    events = bench.stall_events(turns)
+    events = workloads.stall_events(turns)
     assert [(e["turns"], e["max_ms"]) for e in events] == [(3, 600.0), (1, 250.0)]
-    log = bench.TurnLog(turns=1, warmup=0)
+    log = workloads.TurnLog(turns=1, warmup=0)
     for start, ms in turns:
         log.add(0, start, ms)
-    summary = bench.summarize(log, t0=9.0)
+    summary = workloads.summarize(log, t0=9.0)
     assert summary["turns_over_200ms"] == 4 and summary["stall_events"] == 2
     assert summary["first_stall_events"][0] == {"at_s": 1.0, "turns": 3, "max_ms": 600.0}
 
@@ -47,7 +46,7 @@ def test_server_stalls_in_the_measured_window(tmp_path):
         stall_log.format_line(stall_log.Stall("gc", "gen2", 230, 150.25, 12)),
         stall_log.format_line(stall_log.Stall("compile", "mod.late", 100, 300.0, 11)),
     ]) + "\n")
-    assert bench.stalls_between(str(log), 100.0, 200.0) == [
+    assert workloads.stalls_between(str(log), 100.0, 200.0) == [
         {"kind": "compile", "what": "sglang.fused_moe.fused_moe_kernel", "ms": 610.0, "at_s": 5.5, "pid": 11},
         {"kind": "gc", "what": "gen2", "ms": 230.0, "at_s": 50.25, "pid": 12}]
 

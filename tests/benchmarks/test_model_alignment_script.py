@@ -1,8 +1,6 @@
 """benchmarks/model_alignment_check.py's bookkeeping on CPU, against a fake server that answers like SGLang
 (output_ids incl. the stop token, output_token_logprobs, whole-session prompt_tokens) from the reference."""
 
-import os
-import sys
 import types
 
 import torch
@@ -11,6 +9,7 @@ from sglang_microturn.model.checkpoints import write_checkpoint
 from sglang_microturn.model.reference_model import KVCache, load_reference
 
 from benchmarks import model_alignment_check as check
+from benchmarks import servers
 
 
 class FakeServer:
@@ -55,7 +54,7 @@ class FakeServer:
 def test_script_reconstructs_the_session_and_compares(tmp_path, monkeypatch):
     ckpt = str(write_checkpoint(tmp_path / "tiny", "tiny"))
     monkeypatch.setattr(check, "ServerProcess", FakeServer(ckpt))
-    monkeypatch.setattr(check.shutil, "which", lambda name: "/bin/true")
+    monkeypatch.setattr(servers.shutil, "which", lambda name: "/bin/true")
     args = types.SimpleNamespace(port=0, log=str(tmp_path / "log"), sglang_args=[])
     served, seq, generated = check.serve_session(args, ckpt, check.synthetic_turns(6))
     assert served["checks"]["prompt_tokens_match_reconstruction"]

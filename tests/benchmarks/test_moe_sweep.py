@@ -4,13 +4,11 @@ interpreter at a tiny shape; timings are faked (a fixed number per config), SGLa
 
 import argparse
 import json
-import os
-import sys
 from dataclasses import replace
 
 import torch
 
-from benchmarks import moe_decode
+from benchmarks import moe_decode, moe_shapes
 
 from microturn_kernels.moe_gemv import MoeGemvConfig, moe_gemv_config  # noqa: E402
 
@@ -18,7 +16,7 @@ BASE = MoeGemvConfig(BLOCK_I=8, BLOCK_D=32, BLOCK_N=8, BLOCK_K=16)
 
 
 def test_candidates_vary_one_group_and_merge_takes_each_groups_winner():
-    cands = moe_decode.sweep_candidates(BASE)
+    cands = moe_shapes.sweep_candidates(BASE)
     assert cands[0] == ("default", BASE) and len({c for _, c in cands}) == len(cands)
     for group, cfg in cands[1:]:
         changed = {f for f in moe_decode.GATE_UP_FIELDS + moe_decode.DOWN_FIELDS + moe_decode.FLAG_FIELDS
@@ -38,12 +36,12 @@ def test_sweep_dry_run_writes_complete_json(tmp_path, monkeypatch):
 
     shape = (8, 2, 64, 32)  # E, K, D, I
     monkeypatch.setattr(moe_decode, "DEVICE", "cpu")
-    monkeypatch.setattr(moe_decode, "SHAPES", [shape])
+    monkeypatch.setattr(moe_shapes, "SHAPES", [shape])
     monkeypatch.setattr(moe_decode, "DECODE_M", [1, 2])
     monkeypatch.setattr(moe_decode, "SWEEP_M_FOR_RANKING", [1, 2])
-    monkeypatch.setattr(moe_decode, "GATE_UP_GRID", [(16, 64, 4, 0), (4, 32, 2, 2)])
-    monkeypatch.setattr(moe_decode, "DOWN_GRID", [(4, 32, 4, 0), (2, 16, 2, 3)])
-    monkeypatch.setattr(moe_decode, "FLAG_GRID", [(True, True, True)])
+    monkeypatch.setattr(moe_shapes, "GATE_UP_GRID", [(16, 64, 4, 0), (4, 32, 2, 2)])
+    monkeypatch.setattr(moe_shapes, "DOWN_GRID", [(4, 32, 4, 0), (2, 16, 2, 3)])
+    monkeypatch.setattr(moe_shapes, "FLAG_GRID", [(True, True, True)])
     monkeypatch.setattr(moe_decode, "measure_bandwidth", lambda: {"pure_read_TBps": 3.0})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(fused_moe, "fused_experts", lambda **kw: kw["hidden_states"])

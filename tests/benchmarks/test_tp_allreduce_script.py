@@ -2,8 +2,6 @@
 bitwise check true (at W = 2 gloo's own bf16 all-reduce is one commutative addition, so it agrees too)."""
 
 import json
-import os
-import sys
 
 import pytest
 

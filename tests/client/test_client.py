@@ -2,14 +2,10 @@
 (the `server` fixture of tests/conftest.py)."""
 
 import asyncio
-import threading
-import time
 
 import pytest
 
 from sglang_microturn.client import BadRequestError, MicroTurnClient, SessionGoneError, SessionNotFoundError
-from sglang_microturn.server.api_handlers import Backend, MicroTurnAPI
-from sglang_microturn.cli.server_process import free_port
 
 
 def test_stream_paces_on_the_clock_and_records_turns(server):

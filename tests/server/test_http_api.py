@@ -6,7 +6,6 @@ classes and by the GPU soak.
 import asyncio
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI

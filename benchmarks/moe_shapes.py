@@ -1,0 +1,38 @@
+"""The MoE shapes and the config-sweep grid that the MoE decode benchmark (moe_decode) and the compile report
+(moe_compile_report) share."""
+
+from __future__ import annotations
+
+SHAPES = [(128, 8, 2048, 768), (8, 2, 4096, 14336), (256, 6, 4096, 2048)]  # (E, K, D, I)
+
+
+def selected_shapes(args):
+    return SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+
+
+GATE_UP_FIELDS = ("BLOCK_I", "BLOCK_D", "gate_up_warps", "gate_up_stages")
+DOWN_FIELDS = ("BLOCK_N", "BLOCK_K", "down_warps", "down_stages")
+FLAG_FIELDS = ("evict_first", "pdl", "prefetch_w2")
+GATE_UP_GRID = [  # (BLOCK_I, BLOCK_D, warps, stages): unrolled vs pipelined, narrow vs wide tiles
+    (4, 512, 4, 0), (16, 256, 4, 0), (8, 1024, 8, 0), (16, 512, 8, 0),
+    (8, 512, 4, 2), (8, 512, 4, 3), (16, 256, 4, 3), (4, 1024, 4, 3), (16, 512, 8, 3),
+]  # fmt: skip
+DOWN_GRID = [  # (BLOCK_N, BLOCK_K, warps, stages)
+    (4, 256, 4, 0), (8, 256, 4, 0), (2, 512, 4, 0), (8, 512, 8, 0),
+    (4, 256, 4, 3), (4, 512, 4, 3), (8, 512, 8, 3), (16, 256, 8, 3),
+]  # fmt: skip
+FLAG_GRID = [(True, False, False), (False, True, False), (False, True, True), (True, True, True)]
+
+
+def sweep_candidates(base):
+    """(group, config) pairs: the table config, then one group of fields varied at a time."""
+    from dataclasses import replace
+
+    out = {base: "default"}
+    for values in GATE_UP_GRID:
+        out.setdefault(replace(base, **dict(zip(GATE_UP_FIELDS, values))), "gate_up")
+    for values in DOWN_GRID:
+        out.setdefault(replace(base, **dict(zip(DOWN_FIELDS, values))), "down")
+    for values in FLAG_GRID:
+        out.setdefault(replace(base, **dict(zip(FLAG_FIELDS, values))), "flags")
+    return [(group, cfg) for cfg, group in out.items()]
