@@ -33,7 +33,7 @@ PREFILL_M = [128, 1024]  # alignment-mode cost at prefill sizes
 ROUTING_SETS = 8
 CALLS_PER_GRAPH = 16
 REPLAYS = 7
-DEVICE = "cuda"  # the sweep's tensors; tests/test_moe_sweep.py dry-runs its plumbing on the CPU
+DEVICE = "cuda"  # the sweep's tensors; tests/benchmarks/test_moe_sweep.py dry-runs its plumbing on the CPU
 
 
 def setup_sglang():

@@ -3,7 +3,7 @@ a token's logprob is bitwise the same in a one-shot forward, any chunking over t
 a time; and it stays close to the fp32 reference (bf16 rounding only).
 
 CPU: Triton interpreter; MoE blocks widened for the tiny shapes (`fast_moe`) so the interpreter runs few
-programs (tests/sglang_aligned_rig.py); the same config serves every path.
+programs (tests/rigs/sglang_aligned_rig.py); the same config serves every path.
 """
 
 import pytest

@@ -2,7 +2,7 @@
 
 SGLang's real `ScheduleBatch.prepare_for_extend` runs on a session turn over a long history; the test counts
 calls of `Req.get_fill_ids` (the O(session) copy) and checks the ids the batch feeds the model. On SGLang as
-shipped (tests/pristine_sglang.py) the copy happens once per request per extend.
+shipped (tests/rigs/pristine_sglang.py) the copy happens once per request per extend.
 """
 
 from pristine_sglang import run_on_pristine_sglang

@@ -1,7 +1,7 @@
 """Patch 0005: a request's sampling_seed is honoured outside deterministic mode (pytorch sampling backend).
 
 SGLang's real `SamplingBatchInfo.from_schedule_batch` / `merge_batch` and its seeded top-k/top-p sampler run
-on CPU over a small vocabulary. On SGLang as shipped (tests/pristine_sglang.py) the seed is dropped: the
+on CPU over a small vocabulary. On SGLang as shipped (tests/rigs/pristine_sglang.py) the seed is dropped: the
 batch carries no seed tensor and sampling falls back to unseeded multinomial.
 """
 

@@ -1,8 +1,8 @@
 """Patches 0002 (queued abort releases the guard) and 0003 (mid-turn abort rolls back to the committed prefix).
 
 Each scenario runs SGLang's real session/cache classes and the real `Scheduler.abort_request`
-(tests/session_rig.py), once on the installed patched SGLang and once on SGLang as shipped
-(tests/pristine_sglang.py), where the upstream behaviour must show.
+(tests/rigs/session_rig.py), once on the installed patched SGLang and once on SGLang as shipped
+(tests/rigs/pristine_sglang.py), where the upstream behaviour must show.
 """
 
 from pristine_sglang import run_on_pristine_sglang

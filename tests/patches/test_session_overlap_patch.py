@@ -1,7 +1,7 @@
 """Patch 0001: a rejected overlapping append must not clear the in-flight guard of the running turn.
 
-The scenario runs SGLang's real session classes (tests/session_rig.py). It runs twice: against the installed,
-patched SGLang, where the guard holds, and against SGLang as shipped (tests/pristine_sglang.py), where the bug
+The scenario runs SGLang's real session classes (tests/rigs/session_rig.py). It runs twice: against the installed,
+patched SGLang, where the guard holds, and against SGLang as shipped (tests/rigs/pristine_sglang.py), where the bug
 must reproduce. The second run is what proves the test can fail.
 """
 

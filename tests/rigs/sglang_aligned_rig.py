@@ -1,7 +1,7 @@
 """SGLang's MicroTurnForCausalLM in alignment mode on CPU (Triton interpreter) against the reference's aligned
 mode, in a fresh process (see sglang_model_rig.py). Prints one JSON object of findings.
 
-    MICROTURN_ALIGNMENT=1 TRITON_INTERPRET=1 python tests/sglang_aligned_rig.py CHECKPOINT_DIR PORT
+    MICROTURN_ALIGNMENT=1 TRITON_INTERPRET=1 python tests/rigs/sglang_aligned_rig.py CHECKPOINT_DIR PORT
 
 The attention of both sides is the reference's contiguous-KV `aligned_extend` (the `microturn_aligned`
 backend needs a GPU): the model's own `forward` runs through its RadixAttention layers, which hand q/k/v to

@@ -1,7 +1,7 @@
 """Builds SGLang's MicroTurnForCausalLM on CPU (real SGLang layers, gloo world of one) in a fresh process, so
 the parallel state it initializes never leaks into other tests. Prints one JSON object of findings.
 
-    python tests/sglang_model_rig.py CHECKPOINT_DIR PORT
+    python tests/rigs/sglang_model_rig.py CHECKPOINT_DIR PORT
 """
 
 import contextlib
