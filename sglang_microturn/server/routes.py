@@ -11,6 +11,7 @@ import multiprocessing
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, Router
@@ -36,7 +37,10 @@ class MicroTurnFront:
 
     def __init__(self, app, router: Router):
         self.app = app
-        self.router = router
+        # The CORS policy SGLang's app gives its own routes (sglang.srt.entrypoints.http_server), so a browser
+        # page on another origin reaches /microturn as it reaches /generate.
+        self.router = CORSMiddleware(router, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
+                                     allow_headers=["*"])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not _route_path(scope).startswith(PREFIX + "/"):

@@ -318,3 +318,11 @@ def test_a_non_integer_id_is_named(client):
         r = append(client, sid, bad)
         assert r.status_code == 400 and repr(bad[1]) in r.json()["error"]["message"], r.text
     assert state(client, sid)["length"] == 0
+
+
+def test_the_front_keeps_sglangs_cors_policy(client):
+    r = client.options("/microturn/append", headers={"Origin": "http://console.example",
+                                                     "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://console.example"
+    r = client.post("/microturn/open", json={}, headers={"Origin": "http://console.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://console.example"
