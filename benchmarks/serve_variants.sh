@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Several configurations of `sglang-microturn serve` measured in one GPU run: every variant starts at once on
-# its own port with a share of the GPU's memory (startup, ~3 min, is paid once), then
+# its own port with a share of the GPU's memory (each starts once the previous one holds its memory; the rest of
+# startup, ~3 min, overlaps), then
 # benchmarks/realtime_capacity.py measures each in turn against the running server (--url-ours). On the GPU
 # machine after benchmarks/on_device.sh's install steps:
 #   bash benchmarks/serve_variants.sh OUTDIR "LEVELS" "name1=serve flags, env VAR=value ..." "name2=..." ...
@@ -22,6 +23,12 @@ for variant in "$@"; do
     --mem-fraction-static "$mem_fraction" "${flags[@]}" > "$outdir/server_$name.log" 2>&1 &
   names+=("$name") ports+=($port) pids+=($!)
   echo "=== $name on port $port: env ${envs[*]:-} flags ${flags[*]:-}"
+  # The next server starts once this one holds its memory: SGLang sizes its KV pool from the memory free at
+  # its start, and one profiled while another is still loading found none left (seen on an H200).
+  until grep -q "Memory pool end" "$outdir/server_$name.log"; do
+    kill -0 "${pids[-1]}" 2>/dev/null || break
+    sleep 2
+  done
   port=$((port + 1))
 done
 for i in "${!names[@]}"; do
