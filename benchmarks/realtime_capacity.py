@@ -248,6 +248,12 @@ class LevelRecord(TurnStats):
         return {**asdict(self), "passes": self.passes}
 
 
+def level_seconds(args, sessions: int) -> float:
+    """A level's length: --seconds, longer where its sessions would otherwise give fewer than --min-turns
+    counted turns (one session at 8 s gives 30: too few for a p50 to compare within 5 %)."""
+    return max(args.seconds, args.warmup_s + args.min_turns * args.period_ms / 1e3 / sessions)
+
+
 def capacity(records: list[LevelRecord]) -> int:
     """The largest level that passes with every smaller level passing too; 0 if none."""
     best = 0
@@ -697,6 +703,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--servers", type=_servers, default=list(SERVERS))
     p.add_argument("--levels", type=_levels, default=_levels("1,16,32,64,96,128,192,256"))
     p.add_argument("--seconds", type=float, default=15.0, help="per level")
+    p.add_argument("--min-turns", type=int, default=150,
+                   help="a level runs long enough to count at least this many turns (small levels run longer)")
     p.add_argument("--warmup-s", type=float, default=2.0, help="each session's first turns not counted")
     p.add_argument("--period-ms", type=float, default=200.0)
     p.add_argument("--chunk", type=int, default=98, help="input ids per turn")
@@ -758,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update()
                 for i, sessions in enumerate(args.levels):
                     bar.set_description(f"{name} {sessions} sessions")
-                    r = run_level(pool, server, str(sessions), sessions, args.seconds, args.warmup_s, args, workload)
+                    r = run_level(pool, server, str(sessions), sessions, level_seconds(args, sessions),
+                                  args.warmup_s, args, workload)
                     records[name].append(r)
                     tqdm.write(summary_line(r))
                     bar.update()

@@ -52,6 +52,13 @@ def test_capacity_is_the_largest_level_with_every_smaller_level_passing():
     assert rc.capacity([]) == 0
 
 
+def test_small_levels_run_long_enough_to_count_min_turns():
+    args = rc.parse_args(["--seconds", "8", "--warmup-s", "2", "--min-turns", "150"])
+    assert rc.level_seconds(args, 1) == 2 + 150 * 0.2  # one session: 30 s of counted turns
+    assert rc.level_seconds(args, 32) == 8  # 32 sessions count 150 turns well within --seconds
+    assert rc.level_seconds(rc.parse_args(["--seconds", "8", "--min-turns", "0"]), 1) == 8
+
+
 def test_a_turn_queued_behind_a_late_one_is_late_from_its_own_due_time():
     period = 0.2
     turns = [
@@ -309,7 +316,7 @@ def test_both_servers_end_to_end_against_the_stand_in(stand_in, tmp_path):
     proc = run_script("--url-ours", stand_in.url, "--url-upstream", stand_in.url,
                       "--server-log-ours", str(stand_in.stall_log_path), "--levels", "4,1,8", "--seconds", "1",
                       "--warmup-s", "0.2", "--period-ms", "100", "--client-procs", "2", "--fresh-sessions", "2",
-                      "--fresh-seconds", "0.5", "--drain-s", "0.3", "--out", str(out))
+                      "--fresh-seconds", "0.5", "--drain-s", "0.3", "--min-turns", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert stand_in.bad_requests == []
     result = json.loads(out.read_text())
