@@ -3,7 +3,7 @@
 # the summary line of the level before the one to profile), waits LEAD seconds and samples every process of
 # the SGLang server then running (the HTTP/tokenizer-manager process, the scheduler, the detokenizer) with
 # py-spy for RECORD seconds, non-blocking, into $OUT/profile.txt: collapsed stacks, one line per stack with
-# its sample count, the process first (`python3 -m benchmarks.profile_summary $OUT/profile.txt` ranks them).
+# its sample count, the process first (`python3 -m benchmarks.profile_summary $OUT/profile.txt --seconds RECORD` ranks them).
 # On the GPU machine after benchmarks/on_device.sh's install steps, with a py-spy wheel carried (py-spy is not
 # in the bundle and the machine has no internet):
 #   bash benchmarks/profile_level.sh WHEEL 'ours +128 sessions \(' 3 8 "python3 -m benchmarks.realtime_capacity ..."
