@@ -10,7 +10,8 @@
    Each wave's records are then re-scored ALL AT ONCE as one-shot prefills (/generate, logprob_start_len 0),
    so the re-scores share batches and cross chunked-prefill boundaries (8 x 4-6k tokens > 8192). Reported per
    path (`random_shapes`): compared positions, logprob mismatches, token-identity flags (the re-score names
-   another token than the record: patch 0008), context-length disagreements; and the one-shot re-score
+   another token than the record: patch 0008; `sampled_last_vocab_id` counts the positions that bug hit),
+   context-length disagreements; and the one-shot re-score
    against the reference trainer (`random_shapes.reference`). Target: 0 of each, >= 20,000 compared
    positions per serving path (defaults: 80 sessions x 34 turns x ~8 tokens ~ 21,800).
 1b. Alignment, fixed layout shapes. `sglang-microturn serve --alignment-mode` (the small preset, the serve default) serves --sessions
@@ -163,8 +164,9 @@ def rescore(url: str, record: AlignmentRecord) -> list:
 
 def flag_positions(record: AlignmentRecord, entries: list) -> dict:
     """A record against its one-shot re-score: logprob mismatches (bitwise) and token-identity flags."""
+    last_id = DEFAULT_LAYOUT.vocab.size - 1  # what SGLang 0.5.17 named token 0 in a re-score (patch 0008)
     out = {"compared": len(record.generated), "mismatched": 0, "token_flagged": 0, "max_abs_diff": 0.0,
-           "first_flags": []}
+           "sampled_last_vocab_id": sum(g.token_id == last_id for g in record.generated), "first_flags": []}
     if len(entries) != len(record.sequence):
         out.update(mismatched=len(record.generated), max_abs_diff=math.inf,
                    first_flags=[{"rescore_length": len(entries), "sequence_length": len(record.sequence)}])
@@ -184,9 +186,9 @@ def flag_positions(record: AlignmentRecord, entries: list) -> dict:
 
 def sum_flags(parts: list[dict]) -> dict:
     total = {"sessions": len(parts), "compared": 0, "mismatched": 0, "token_flagged": 0, "max_abs_diff": 0.0,
-             "sessions_flagged": 0, "first_flags": []}
+             "sampled_last_vocab_id": 0, "sessions_flagged": 0, "first_flags": []}
     for p in parts:
-        for key in ("compared", "mismatched", "token_flagged"):
+        for key in ("compared", "mismatched", "token_flagged", "sampled_last_vocab_id"):
             total[key] += p[key]
         total["max_abs_diff"] = max(total["max_abs_diff"], p["max_abs_diff"])
         total["sessions_flagged"] += bool(p["mismatched"] or p["token_flagged"])

@@ -150,3 +150,4 @@ def test_flag_positions_separates_values_and_token_identity():
     assert shifted["mismatched"] == 2 and shifted["max_abs_diff"] == float("inf")
     total = e2e.sum_flags([f, e2e.flag_positions(rec, same)])
     assert (total["compared"], total["token_flagged"], total["sessions_flagged"]) == (4, 1, 1)
+    assert total["sampled_last_vocab_id"] == 2  # id 831 = DEFAULT_LAYOUT.vocab.size - 1, sampled in both records
