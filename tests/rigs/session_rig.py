@@ -61,7 +61,7 @@ class SessionRig:
 
     # -- one request's life (Scheduler.handle_generate_request -> PrefillAdder -> result processor) --
 
-    def submit(self, session_id: str, input_ids: list[int], max_new_tokens: int):
+    def submit(self, session_id: str, input_ids: list[int], max_new_tokens: int, return_logprob: bool = False):
         """Arrival: the session branch of `handle_generate_request` (Session.create_req)."""
         from sglang.srt.managers.io_struct import SessionParams
         from sglang.srt.sampling.sampling_params import SamplingParams
@@ -77,7 +77,7 @@ class SessionRig:
             lora_id=None,
             custom_logit_processor=None,
             stream=False,
-            return_logprob=False,
+            return_logprob=return_logprob,
             top_logprobs_num=0,
             token_ids_logprob=None,
             return_sampling_mask=False,
