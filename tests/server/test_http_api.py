@@ -127,7 +127,7 @@ def test_malformed_bodies(client, tm, raw, message):
 @pytest.mark.parametrize(
     "options, message",
     [({"output_budget": -2}, "must be >= 0"), ({"stop_ids": [VOCAB + 5]}, "stop id"),
-     ({"idle_timeout": 0}, "must be > 0"), ({"idle_timeout": "soon"}, "must be an integer or a number"),
+     ({"idle_timeout": -1}, "'idle_timeout' must be >= 0"), ({"idle_timeout": "soon"}, "must be an integer or a number"),
      ({"seed": -1}, "'seed' must be >= 0"), ({"seed": 1 << 63}, "'seed' must be < 2**63"),
      ({"seed": "7"}, "'seed' must be an integer"), ({"deadline_ms": 0}, "'deadline_ms' must be in (0, 60000]"),
      ({"deadline_ms": 1e9}, "'deadline_ms' must be in"), ({"deadline_ms": "fast"}, "'deadline_ms' must be")],
@@ -187,12 +187,50 @@ def test_client_disconnect_rolls_back_and_session_continues(api, client, tm):
     assert append(client, sid, [8]).json()["committed_length"] == 6
 
 
-def test_server_side_loss_of_session_is_410(client, tm):
-    sid = open_session(client)
-    del tm.lengths[sid]  # e.g. SGLang reaped it
-    r = append(client, sid, [5])
-    assert r.status_code == 410 and "no longer exists" in r.json()["error"]["message"]
-    assert state(client, sid)["state"] == "closed"
+def test_server_side_loss_of_session_is_410_and_releases_its_budget(api, client, tm):
+    sid = open_session(client, output_budget=1)
+    append(client, sid, [5, 6])
+    used = api.registry.used_tokens()
+    del tm.lengths[sid]  # e.g. SGLang reaped it: its scheduler answers the next turn with a 400 abort
+    r = append(client, sid, [7])
+    assert r.status_code == 410 and "no longer exists" in r.json()["error"]["message"], r.text
+    for _ in range(2):  # not a zombie: every retry is 410, never SGLang's 400
+        assert append(client, sid, [7]).status_code == 410
+    assert state(client, sid)["state"] == "expired" and state(client, sid)["length"] == 3
+    assert api.registry.used_tokens() == used - 3 and api.registry.open_sessions == 0
+
+
+def test_the_session_gone_messages_are_sglangs_own():
+    import inspect
+
+    from sglang.srt.managers.scheduler import Scheduler
+
+    from sglang_microturn.server.api_handlers import SESSION_GONE_MESSAGES
+
+    source = inspect.getsource(Scheduler.handle_generate_request)
+    assert all(m in source for m in SESSION_GONE_MESSAGES)
+
+
+@pytest.mark.parametrize("status, message", [(503, "Request running timeout reached."), (None, "Aborted")])
+def test_a_server_side_abort_is_503_retry_and_changes_nothing(client, tm, status, message):
+    sid = open_session(client, output_budget=1)
+    append(client, sid, [5])
+    before = state(client, sid)
+    tm.abort_next = (message, status)  # a running timeout (SGLang's 503) / an operator's /abort_request
+    r = append(client, sid, [6])
+    assert r.status_code == 503 and r.json()["error"]["code"] == 503, r.text
+    assert message in r.json()["error"]["message"] and "retry" in r.json()["error"]["message"]
+    after = state(client, sid)
+    assert after == {**before, "last_activity": after["last_activity"]} and tm.lengths[sid] == 2
+    assert append(client, sid, [6]).json()["committed_length"] == 4  # the retry applies once
+
+
+def test_sglangs_500_is_in_our_shape(client, tm):
+    sid = open_session(client, output_budget=1)
+    tm.abort_next = ("out of memory", 500)
+    r = append(client, sid, [6])
+    assert r.status_code == 500 and r.json() == {"error": {"code": 500, "message": r.json()["error"]["message"]}}
+    assert "out of memory" in r.json()["error"]["message"] and state(client, sid)["length"] == 0
 
 
 def test_kv_budget_429_for_open_and_append(monkeypatch, tm):
@@ -216,7 +254,7 @@ def test_kv_budget_429_for_open_and_append(monkeypatch, tm):
 def test_idle_session_expires_and_is_closed_in_sglang(api, client, tm):
     api.registry.sweep_interval_s = 0.0
     sid = open_session(client, idle_timeout=0.05)
-    assert tm.timeouts[sid] > 0.05  # SGLang's own timeout is a later backstop
+    assert tm.timeouts[sid] is None  # the registry is the only idle timer
     append(client, sid, [5])
     time.sleep(0.1)
     s = state(client, sid)
