@@ -188,9 +188,9 @@ def install() -> str:
     config.value(config.MAX_BODY_BYTES)
 
     def before_http_launch(*args, **kwargs):
+        require_single_tokenizer(kwargs.get("server_args", args[0] if args else None))
         from sglang.srt.entrypoints import http_server
 
-        require_single_tokenizer(kwargs.get("server_args", args[0] if args else None))
         mount(http_server.app, api)
 
     warmup = realtime_warmup.install(lambda: api)  # before registering: a bad setting registers nothing

@@ -554,3 +554,25 @@ def test_multi_tokenizer_mode_is_refused_at_startup_in_one_line():
     with pytest.raises(SystemExit) as e:
         require_single_tokenizer(SimpleNamespace(tokenizer_worker_num=4))
     assert "--tokenizer-worker-num 4" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_launch_hook_refuses_multi_tokenizer_mode_before_mounting(monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_microturn.server import routes
+
+    registered = {}
+    monkeypatch.setattr(HookRegistry, "register", lambda target, fn, kind: registered.setdefault(target, fn))
+    routes.install()
+    before_launch = registered["sglang.srt.entrypoints.http_server.launch_server"]
+    with pytest.raises(SystemExit, match="--tokenizer-worker-num 2: the /microturn API needs 1"):
+        before_launch(SimpleNamespace(tokenizer_worker_num=2))
+    with pytest.raises(SystemExit, match="--tokenizer-worker-num 3"):
+        before_launch(server_args=SimpleNamespace(tokenizer_worker_num=3))
+
+
+def test_a_non_json_body_is_400_in_our_shape_never_a_422(client):
+    r = client.post("/microturn/open", data={"output_budget": "3"})  # a form, not JSON
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400 and "not valid JSON" in r.text
