@@ -5,7 +5,7 @@ The server's domain errors (server/session_registry.py) carry a name from here a
 its typed exception. This table is the only place the status codes are written down.
 
 An error response is JSON `{"error": {"code": <status>, "message": <what was wrong and the fix>}}` and changes
-nothing on the server; a 429 from admission also carries `Retry-After` (seconds).
+nothing on the server; a 429 from admission or the session cap also carries `Retry-After` (seconds).
 """
 
 from __future__ import annotations
