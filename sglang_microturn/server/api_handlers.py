@@ -108,9 +108,9 @@ class Verdict(enum.Enum):
 SESSION_GONE_MESSAGES = ("does not exist", "close was requested")
 
 
-def decode_turn(final: dict, disconnected: bool) -> tuple[Verdict, str, int | None]:
-    """SGLang's verdict on one streaming-session turn, from its last output: (verdict, SGLang's message, its
-    status). The only place that reads SGLang's abort reasons."""
+def decode_turn(final: dict, disconnected: bool, session_id: str = "") -> tuple[Verdict, str, int | None]:
+    """SGLang's verdict on one streaming-session turn of `session_id`, from its last output: (verdict, SGLang's
+    message, its status). The only place that reads SGLang's abort reasons."""
     reason = final["meta_info"].get("finish_reason") or {}
     if reason.get("type") != "abort":
         return Verdict.FINISHED, "", None
@@ -119,7 +119,7 @@ def decode_turn(final: dict, disconnected: bool) -> tuple[Verdict, str, int | No
     status = None if status is None else int(status)
     if disconnected:
         return Verdict.DISCONNECTED, message, status
-    if any(m in message for m in SESSION_GONE_MESSAGES):
+    if session_id in message and any(m in message for m in SESSION_GONE_MESSAGES):
         return Verdict.SESSION_GONE, message, status
     if status == 400:
         return Verdict.REFUSED, message, status
@@ -265,7 +265,7 @@ class MicroTurnAPI:
             raise
         meta = final["meta_info"]
         reason = meta.get("finish_reason") or {}
-        verdict, message, status = decode_turn(final, disconnected)
+        verdict, message, status = decode_turn(final, disconnected, session_id)
         if verdict is not Verdict.FINISHED:
             self.registry.abandon(session)
             if verdict is Verdict.DISCONNECTED:
