@@ -335,6 +335,10 @@ class SessionRegistry:
                 continue
             self._retire(session, SessionState.EXPIRED, now)
             expired.append(session)
+        if len(heap) > 2 * self.open_sessions + 1024:  # entries of sessions closed early: rebuild, amortised O(1)
+            self._expiry = [(s.idle_deadline(), sid) for sid, s in self.sessions.items()
+                            if s.state is SessionState.OPEN and s.options.idle_timeout_s is not None]
+            heapq.heapify(self._expiry)
         retired = self._retired
         while retired and now - retired[0][0] >= self.grace_s:
             _, session_id = retired.popleft()

@@ -166,3 +166,12 @@ def test_a_lost_session_releases_its_budget_once():
     registry.commit(s, [1, 2], [3])
     assert registry.lose(s) and not registry.lose(s)
     assert s.state is SessionState.EXPIRED and registry.used_tokens() == 0 and registry.open_sessions == 0
+
+
+def test_the_expiry_heap_does_not_keep_sessions_closed_long_before_their_deadline():
+    registry = SessionRegistry(kv_budget_tokens=10**9, vocab_size=50, max_chunk_tokens=8, bos_id=None, grace_s=0)
+    for _ in range(5000):  # a week-long timeout, closed at once
+        registry.close(registry.open(SessionOptions(idle_timeout_s=604800)).session_id)
+    keep = registry.open(SessionOptions(idle_timeout_s=604800))
+    registry.sweep_idle()
+    assert registry._expiry == [(keep.idle_deadline(), keep.session_id)] and registry.sessions == {keep.session_id: keep}
