@@ -75,6 +75,10 @@ _SWITCH = "0 or 1 (also false / true)"
 SESSION_KV_TOKENS = "MICROTURN_SESSION_KV_TOKENS"
 SESSION_KV_FRACTION = "MICROTURN_SESSION_KV_FRACTION"
 MAX_CHUNK_TOKENS = "MICROTURN_MAX_CHUNK_TOKENS"
+MAX_SESSIONS = "MICROTURN_MAX_SESSIONS"
+IDLE_TIMEOUT_S = "MICROTURN_IDLE_TIMEOUT_S"
+CLOSED_GRACE_S = "MICROTURN_CLOSED_GRACE_S"
+MAX_BODY_BYTES = "MICROTURN_MAX_BODY_BYTES"
 DEADLINE_MS = "MICROTURN_DEADLINE_MS"
 # Real-time admission, scheduling and warm-up (server/realtime_*.py, server/scheduler_cohort.py)
 ADMIT_P99_FRACTION = "MICROTURN_ADMIT_P99_FRACTION"
@@ -99,6 +103,7 @@ CACHE = "MICROTURN_CACHE"
 PATCHES_DIR = "MICROTURN_PATCHES_DIR"
 
 MAX_DEADLINE_MS = 60_000
+MAX_IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer is a leak, not a timeout
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(SESSION_KV_TOKENS, None, _number(0, 2**62, integer=True), "a whole number of tokens >= 0",
@@ -107,6 +112,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "the sessions' KV budget as a fraction of SGLang's KV pool, when MICROTURN_SESSION_KV_TOKENS is unset"),
     Setting(MAX_CHUNK_TOKENS, 512, _number(1, 2**31, integer=True), "a whole number of tokens >= 1",
             "largest input block of one micro-turn; a longer chunk is refused with 400"),
+    Setting(MAX_SESSIONS, None, _number(1, 1 << 20, integer=True), "a whole number of sessions in [1, 1048576]",
+            "most open micro-turn sessions (default: SGLang's req_to_token_pool rows minus an eighth, at least "
+            "1, kept for plain requests; never more than rows - 1)"),
+    Setting(IDLE_TIMEOUT_S, 300.0, _number(0, MAX_IDLE_TIMEOUT_S), f"seconds in [0, {MAX_IDLE_TIMEOUT_S:g}] (0 = never)",
+            "a session idle this long expires (410) unless it opens with idle_timeout (0 there = never)"),
+    Setting(CLOSED_GRACE_S, 600.0, _number(0, MAX_IDLE_TIMEOUT_S), f"seconds in [0, {MAX_IDLE_TIMEOUT_S:g}]",
+            "how long a closed or expired session's record stays readable before only its 410 tombstone is left"),
+    Setting(MAX_BODY_BYTES, 1 << 20, _number(1024, 1 << 30, integer=True), "a whole number of bytes in [1024, 2**30]",
+            "largest /microturn request body; a larger one is refused with 413"),
     Setting(DEADLINE_MS, 200.0, _number(0, MAX_DEADLINE_MS, lo_open=True),
             f"milliseconds in (0, {MAX_DEADLINE_MS}]", "a session's micro-turn deadline unless it opens with deadline_ms"),
     Setting(ADMIT_P99_FRACTION, 0.75, _number(0, 100), "a number in [0, 100]",

@@ -5,7 +5,7 @@ The server's domain errors (server/session_registry.py) carry a name from here a
 its typed exception. This table is the only place the status codes are written down.
 
 An error response is JSON `{"error": {"code": <status>, "message": <what was wrong and the fix>}}` and changes
-nothing on the server; a 429 from admission also carries `Retry-After` (seconds).
+nothing on the server; a 429 from admission or the session cap also carries `Retry-After` (seconds).
 """
 
 from __future__ import annotations
@@ -18,20 +18,27 @@ SESSION_GONE = "session_gone"
 LENGTH_MISMATCH = "length_mismatch"
 OVER_BUDGET = "over_budget"
 OVER_CAPACITY = "over_capacity"
+PAYLOAD_TOO_LARGE = "payload_too_large"
 SERVER_ERROR = "server_error"
+TURN_ABORTED = "turn_aborted"
 
 # name -> (HTTP status, meaning). A status shared by two names (429) reads back as the first of them.
 ERRORS: dict[str, tuple[int, str]] = {
-    BAD_REQUEST: (400, "malformed body, empty or oversized chunk, ids outside the vocabulary, a BOS id in a "
-                       "later chunk, a negative budget"),
+    BAD_REQUEST: (400, "malformed body, an unknown field, a number that is not finite or out of range, empty or "
+                       "oversized chunk, ids outside the vocabulary, a BOS id in a later chunk, a negative budget "
+                       "or one no session could ever be granted"),
     UNAUTHORIZED: (401, "SGLang's --api-key is set and the request does not carry it"),
     SESSION_NOT_FOUND: (404, "unknown session id"),
     SESSION_BUSY: (409, "an append of this session is already in flight"),
     SESSION_GONE: (410, "the session is closed or expired"),
     LENGTH_MISMATCH: (412, "the append's expected_length is not the session's committed length"),
     OVER_BUDGET: (429, "the sessions' KV budget is exhausted"),
-    OVER_CAPACITY: (429, "a new session would take the server past its real-time capacity (Retry-After)"),
+    OVER_CAPACITY: (429, "a new session would take the server past its real-time capacity or its session cap "
+                         "(Retry-After)"),
+    PAYLOAD_TOO_LARGE: (413, "the request body is larger than MICROTURN_MAX_BODY_BYTES"),
     SERVER_ERROR: (500, "the server failed"),
+    TURN_ABORTED: (503, "the server aborted the turn (a running timeout, out of memory, an operator's abort); "
+                        "the session rolled back to its committed length: retry the append"),
 }
 
 

@@ -67,7 +67,8 @@ BAD = {
     config.LOG_STALLS: "yes", config.STALL_LOG_GC_MS: "-5", config.MOE_GEMV_MAX_TOKENS: "lots",
     config.MOE_ALIGNED: "2", config.ALIGNMENT: "on", config.ALIGNED_ATTENTION: "flash",
     config.ATTN_SPLIT: "0", config.ATTN_BLOCK_N: "x", config.ATTN_BLOCK_M: "1e99", config.ATTN_WORKSPACE_MB: "-1",
-    config.CACHE: "", config.PATCHES_DIR: "",
+    config.CACHE: "", config.PATCHES_DIR: "", config.MAX_SESSIONS: "0", config.IDLE_TIMEOUT_S: "inf",
+    config.CLOSED_GRACE_S: "-1", config.MAX_BODY_BYTES: "100",
 }
 
 

@@ -103,7 +103,8 @@ def install(api_factory) -> str:
     @warmup(NAME)
     async def microturn_warmup(disaggregation_mode, tokenizer_manager):
         api = api_factory()
-        rounds = warmup_plan(n)
+        cap = api.registry.max_sessions  # MICROTURN_MAX_SESSIONS: the warm-up never opens more
+        rounds = warmup_plan(n if cap is None else min(n, cap))
         done = await run(api, rounds, tokenizer_manager.model_config.vocab_size)
         api.admission.forget()  # warm-up bursts say nothing of what live sessions will see
         # The sessions' first chunks sit in the radix cache (evictable); flush them so the first user's
@@ -112,6 +113,6 @@ def install(api_factory) -> str:
         gc.collect()  # this process's garbage goes before its heap is frozen
         await tokenizer_manager.freeze_gc()  # here, then in the scheduler and the detokenizer
         logger.info("microturn warm-up: %d rounds, %d appends, groups up to %d sessions; cache flushed: %s; "
-                    "heaps frozen", len(rounds), done, n, getattr(flushed, "success", flushed))
+                    "heaps frozen", len(rounds), done, max(r.sessions for r in rounds), getattr(flushed, "success", flushed))
 
     return f"warm-up {NAME!r} (up to {n} sessions)"

@@ -1,12 +1,16 @@
 """The /microturn routes in SGLang's HTTP server process: an ASGI front ahead of SGLang's FastAPI app, the
 four routes it serves, the JSON error shape, and the plugin hook that mounts them.
 
-Errors are JSON `{"error": {"code", "message"}}` with the status sglang_microturn/protocol.py gives the
-domain error's name. Routes sit behind SGLang's API-key middleware like SGLang's own.
+Every error a /microturn route answers, whatever raised it (a domain error, SGLang's HTTPExceptions, a
+body over MICROTURN_MAX_BODY_BYTES, a bug), is JSON `{"error": {"code", "message"}}` with the status
+sglang_microturn/protocol.py gives the error's name. Routes sit behind SGLang's API-key middleware like
+SGLang's own; SGLang applies `--api-key` in single-tokenizer mode only, so the plugin refuses to start with
+`--tokenizer-worker-num` > 1 (its routes and registry would live in one worker of several, unauthenticated).
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from collections.abc import Callable
 
@@ -16,10 +20,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, Router
 
-from sglang_microturn import protocol
+from sglang_microturn import config, protocol
 from sglang_microturn.server.api_handlers import Backend, MicroTurnAPI
 from sglang_microturn.server.api_requests import parse_json_body
-from sglang_microturn.server.session_registry import MicroTurnError, OverCapacity
+from sglang_microturn.server.session_registry import MicroTurnError, OverCapacity, PayloadTooLarge, shown
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "/microturn"
 
@@ -48,7 +54,7 @@ class MicroTurnFront:
         try:
             await self.router(scope, receive, send)
         except HTTPException as e:  # Starlette's method-not-allowed; FastAPI's handlers sit past us
-            await _error(e.status_code, f"{scope['method']} {scope['path']}: {e.detail}")(scope, receive, send)
+            await _error(e.status_code, f"{scope['method']} {shown(scope['path'])}: {e.detail}")(scope, receive, send)
 
 
 def _route_path(scope) -> str:
@@ -60,9 +66,26 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": {"code": status, "message": message}}, status_code=status, headers=headers)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 (PayloadTooLarge) as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the {limit}-byte limit "
+                              "(MICROTURN_MAX_BODY_BYTES)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the {limit}-byte limit (MICROTURN_MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def build_router(api: MicroTurnAPI) -> Router:
+    body_limit = config.value(config.MAX_BODY_BYTES)
+
     async def json_body(request: Request) -> dict:
-        return parse_json_body(await request.body())
+        return parse_json_body(await read_body(request, body_limit))
 
     async def guarded(handler, *args):
         try:
@@ -72,8 +95,13 @@ def build_router(api: MicroTurnAPI) -> Router:
             return _error(protocol.status_of(e.name), e.message, {"Retry-After": str(e.retry_after_s)})
         except MicroTurnError as e:
             return _error(protocol.status_of(e.name), e.message)
+        except HTTPException as e:  # SGLang's own (e.g. 503 from its tokenizer manager), in our shape
+            return _error(e.status_code, shown(str(e.detail), 1000))
         except ValueError as e:  # SGLang's own request validation (e.g. context length)
-            return _error(protocol.status_of(protocol.BAD_REQUEST), str(e))
+            return _error(protocol.status_of(protocol.BAD_REQUEST), shown(str(e), 1000))
+        except Exception as e:  # a bug: still our shape, and logged with its traceback
+            logger.exception("microturn: %s failed", getattr(handler, "__name__", "a route"))
+            return _error(protocol.status_of(protocol.SERVER_ERROR), f"the server failed: {type(e).__name__}")
 
     def disconnect_waiter(request: Request):
         async def wait():
@@ -126,7 +154,19 @@ def _sglang_backend() -> Backend:
     from sglang.srt.entrypoints.http_server import get_global_state
 
     state = get_global_state()
-    return Backend(state.tokenizer_manager, int(state.scheduler_info["max_total_num_tokens"]))
+    rows = state.scheduler_info.get("req_to_token_pool_size")  # patch 0009
+    return Backend(state.tokenizer_manager, int(state.scheduler_info["max_total_num_tokens"]),
+                   None if rows is None else int(rows))
+
+
+def require_single_tokenizer(server_args) -> None:
+    """SGLang applies --api-key only with one tokenizer worker, and our registry lives in one process: refuse
+    any other mode at startup, in one line."""
+    workers = getattr(server_args, "tokenizer_worker_num", 1) or 1
+    if workers != 1:
+        raise SystemExit(f"sglang-microturn: cannot start: --tokenizer-worker-num {workers}: the /microturn API "
+                         "needs 1 (SGLang applies --api-key in single-tokenizer mode only, and the session "
+                         "registry lives in one process); drop the flag")
 
 
 def add_routes(app, backend: Callable[[], Backend] = _sglang_backend) -> MicroTurnAPI:
@@ -144,8 +184,11 @@ def install() -> str:
 
     from sglang_microturn.server import realtime_warmup
     api = MicroTurnAPI(_sglang_backend)  # the backend resolves on first use; a bad setting raises SettingError
+    api.reap_in_background = True
+    config.value(config.MAX_BODY_BYTES)
 
     def before_http_launch(*args, **kwargs):
+        require_single_tokenizer(kwargs.get("server_args", args[0] if args else None))
         from sglang.srt.entrypoints import http_server
 
         mount(http_server.app, api)

@@ -6,18 +6,27 @@ the committed token sequence (what every acknowledged append added, inputs and o
 registry only changes a session's sequence from the scheduler's own verdict on an append (finished: commit;
 aborted: nothing changed), so the two never disagree.
 
-Every method is O(1) or O(chunk): nothing here grows with session length except the stored sequence.
+Every method is O(1) or O(chunk) (the sweep: O(what expires)): nothing here grows with session length except
+the stored sequence, and nothing on the append path grows with the number of sessions.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 import secrets
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from sglang_microturn import protocol
 from sglang_microturn.server.realtime_deadlines import DeadlineStats
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """`text` as an error message may quote it: whole up to `limit` characters, else its head and its length
+    (a 1 MB session id or field name is not echoed back)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class MicroTurnError(Exception):
@@ -57,6 +66,21 @@ class OverBudget(MicroTurnError):
     name = protocol.OVER_BUDGET
 
 
+class TurnAborted(MicroTurnError):
+    """SGLang aborted a turn for a reason of its own (running timeout, out of memory, an operator's abort): the
+    session rolled back, a retry of the same append is safe."""
+
+    name = protocol.TURN_ABORTED
+
+
+class PayloadTooLarge(MicroTurnError):
+    name = protocol.PAYLOAD_TOO_LARGE
+
+
+class ServerError(MicroTurnError):
+    name = protocol.SERVER_ERROR
+
+
 class OverCapacity(MicroTurnError):
     """A new session would take the server past what it serves in time (realtime_admission)."""
 
@@ -89,8 +113,8 @@ class SessionOptions:
 
 @dataclass
 class SessionRecord:
-    """One session as the HTTP process keeps it, owned by the registry from `open` until the server stops
-    (closed and expired records stay, so a late call gets 410, not 404)."""
+    """One session as the HTTP process keeps it, owned by the registry from `open` until `grace_s` after it
+    closes or expires; after that only its tombstone (id -> state) is left, so a late call still gets 410."""
 
     session_id: str
     options: SessionOptions
@@ -113,6 +137,11 @@ class SessionRecord:
         self.last_activity = time.monotonic()
         self.last_activity_unix = time.time()
 
+    def idle_deadline(self) -> float | None:
+        """When the session expires if nothing touches it (monotonic seconds), None: never."""
+        timeout = self.options.idle_timeout_s
+        return None if timeout is None else self.last_activity + timeout
+
     def describe(self, with_tokens: bool = False) -> dict:
         out = {
             "session_id": self.session_id,
@@ -128,23 +157,39 @@ class SessionRecord:
         return out
 
 
+MAX_TOMBSTONES = 1 << 20  # ~100 bytes each; past this the oldest go (a call for one then gets 404, not 410)
+
+
 class SessionRegistry:
-    """All micro-turn sessions of one server, and the KV budget they share (in tokens).
+    """All micro-turn sessions of one server, the KV budget they share (in tokens) and the session cap.
 
     A session's KV footprint is its committed length plus, while an append runs, that append's input and
-    output budget. `open` reserves one micro-turn of headroom so a just-opened session can make progress.
+    output budget. `open` reserves nothing: it refuses a session when one micro-turn of headroom (a full chunk
+    plus the session's output budget) is not free now, or when `max_sessions` are open (each idle streaming
+    session holds one row of SGLang's req_to_token_pool; the cap keeps rows free for plain requests).
+
+    Expiry and clean-up are O(what expires): `_expiry` is a heap of (deadline, id) pushed once at open; an
+    append moves a session's deadline without touching the heap (the per-append path stays O(chunk)), and the
+    sweep re-pushes an entry whose session was active since, so each session is re-examined at most once per
+    idle timeout. Closed and expired records wait `grace_s` in `_retired` (time order) and are then replaced by
+    a tombstone.
     """
 
-    def __init__(self, kv_budget_tokens: int, vocab_size: int, max_chunk_tokens: int, bos_id: int | None):
+    def __init__(self, kv_budget_tokens: int, vocab_size: int, max_chunk_tokens: int, bos_id: int | None,
+                 max_sessions: int | None = None, grace_s: float = 600.0):
         self.kv_budget_tokens = kv_budget_tokens
         self.vocab_size = vocab_size
         self.max_chunk_tokens = max_chunk_tokens
         self.bos_id = bos_id
-        self.sessions: dict[str, SessionRecord] = {}
+        self.max_sessions = max_sessions  # None: no cap
+        self.grace_s = grace_s
+        self.sessions: dict[str, SessionRecord] = {}  # open, and retired within their grace period
+        self.tombstones: OrderedDict[str, SessionState] = OrderedDict()  # retired past grace: id -> final state
+        self._expiry: list[tuple[float, str]] = []  # heap of (idle deadline when pushed, id), open sessions
+        self._retired: deque[tuple[float, str]] = deque()  # (retired at, id), time order
         self._used = 0  # sum over open sessions of footprint(); kept incrementally
         self.open_sessions = 0
-        self._last_sweep = 0.0
-        self.sweep_interval_s = 1.0  # idle expiry is checked at most this often (it walks all sessions)
+        self.sweep_interval_s = 0.0  # the sweep is O(expired): it may run on every call
 
     # -- budget --
 
@@ -159,6 +204,9 @@ class SessionRegistry:
         return self._used
 
     def _admit(self, extra: int, what: str) -> None:
+        if extra > self.kv_budget_tokens:  # no retry can help: say so (400), not "retry later" (429)
+            raise BadRequest(f"{what} needs {extra} KV tokens, more than the whole {self.kv_budget_tokens}-token "
+                             "session budget (MICROTURN_SESSION_KV_TOKENS); ask for a smaller output_budget")
         if self._used + extra > self.kv_budget_tokens:
             raise OverBudget(
                 f"{what} needs {extra} KV tokens but only {self.kv_budget_tokens - self._used} of the "
@@ -168,17 +216,33 @@ class SessionRegistry:
     # -- lifecycle --
 
     def open(self, options: SessionOptions) -> SessionRecord:
+        """A new open session (refused with 429 past the session cap or when one turn's headroom is not free
+        now; nothing is reserved)."""
+        if self.max_sessions is not None and self.open_sessions >= self.max_sessions:
+            raise OverCapacity(f"the server holds its maximum of {self.max_sessions} open sessions "
+                               "(MICROTURN_MAX_SESSIONS; each holds a row of SGLang's request pool); close idle "
+                               "sessions or retry later", retry_after_s=2)
         headroom = self._turn_reserve(self.max_chunk_tokens, options.output_budget)
         self._admit(headroom, "opening a session")
         session = SessionRecord(secrets.token_hex(16), options)  # 128 random bits: unguessable
         self.sessions[session.session_id] = session
         self.open_sessions += 1
+        deadline = session.idle_deadline()
+        if deadline is not None:
+            heapq.heappush(self._expiry, (deadline, session.session_id))
         return session
+
+    def knows(self, session_id: str) -> bool:
+        """Whether `session_id` is (or was) one of ours: O(1)."""
+        return session_id in self.sessions or session_id in self.tombstones
 
     def get(self, session_id: str) -> SessionRecord:
         session = self.sessions.get(session_id)
         if session is None:
-            raise SessionNotFound(f"unknown session {session_id!r}")
+            state = self.tombstones.get(session_id)
+            if state is not None:
+                raise SessionGone(f"session {session_id} is {state.value}")
+            raise SessionNotFound(f"unknown session {shown(repr(session_id))}")
         return session
 
     def begin_append(self, session_id: str, input_ids: list[int], output_budget: int | None = None,
@@ -226,33 +290,63 @@ class SessionRegistry:
         session.in_flight_reserve = 0
         session.touch()
 
-    def close(self, session_id: str) -> tuple[SessionRecord, bool]:
-        """Close (idempotent). Returns the session and whether this call closed it."""
+    def close(self, session_id: str) -> tuple[SessionRecord | None, bool]:
+        """Close (idempotent). Returns the session (None once only its tombstone is left) and whether this
+        call closed it."""
+        if session_id in self.tombstones:
+            return None, False
         session = self.get(session_id)
         if session.state is not SessionState.OPEN:
             return session, False
         self._retire(session, SessionState.CLOSED)
         return session, True
 
-    def _retire(self, session: SessionRecord, state: SessionState) -> None:
+    def lose(self, session: SessionRecord) -> bool:
+        """SGLang no longer has `session` (it closed or reaped it): retire it as expired, releasing its budget.
+        Returns whether this call retired it."""
+        if session.state is not SessionState.OPEN:
+            return False
+        self._retire(session, SessionState.EXPIRED)
+        return True
+
+    def _retire(self, session: SessionRecord, state: SessionState, now: float | None = None) -> None:
         self._used -= self._footprint(session)
         self.open_sessions -= 1
         session.state = state
+        self._retired.append((time.monotonic() if now is None else now, session.session_id))
 
     def sweep_idle(self, now: float | None = None) -> list[SessionRecord]:
-        """Expire open sessions idle past their timeout (at most once per `sweep_interval_s`) and return them;
-        the caller closes them in SGLang, which frees their KV."""
+        """Expire open sessions idle past their timeout and return them (the caller closes them in SGLang,
+        which frees their KV); drop retired records past their grace period. O(what expires or is dropped)."""
         now = time.monotonic() if now is None else now
-        if now - self._last_sweep < self.sweep_interval_s:
-            return []
-        self._last_sweep = now
-        expired = [
-            s for s in self.sessions.values()
-            if s.state is SessionState.OPEN and not s.in_flight and s.options.idle_timeout_s is not None
-            and now - s.last_activity > s.options.idle_timeout_s
-        ]
-        for s in expired:
-            self._retire(s, SessionState.EXPIRED)
+        expired = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, session_id = heapq.heappop(heap)
+            session = self.sessions.get(session_id)
+            if session is None or session.state is not SessionState.OPEN:
+                continue
+            if session.in_flight:  # its deadline starts again when the turn ends: look again one timeout later
+                heapq.heappush(heap, (now + session.options.idle_timeout_s, session_id))
+                continue
+            deadline = session.idle_deadline()
+            if deadline > now:  # active since it was pushed: look again at its new deadline
+                heapq.heappush(heap, (deadline, session_id))
+                continue
+            self._retire(session, SessionState.EXPIRED, now)
+            expired.append(session)
+        if len(heap) > 2 * self.open_sessions + 1024:  # entries of sessions closed early: rebuild, amortised O(1)
+            self._expiry = [(s.idle_deadline(), sid) for sid, s in self.sessions.items()
+                            if s.state is SessionState.OPEN and s.options.idle_timeout_s is not None]
+            heapq.heapify(self._expiry)
+        retired = self._retired
+        while retired and now - retired[0][0] >= self.grace_s:
+            _, session_id = retired.popleft()
+            session = self.sessions.pop(session_id, None)
+            if session is not None:
+                self.tombstones[session_id] = session.state
+                if len(self.tombstones) > MAX_TOMBSTONES:
+                    self.tombstones.popitem(last=False)
         return expired
 
     # -- validation --

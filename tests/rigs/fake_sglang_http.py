@@ -2,13 +2,23 @@
 scheduler: `FakeTokenizerManager` keeps, per session, the length SGLang's scheduler would hold and answers
 appends the way SGLang's streaming sessions do (prompt_tokens = the whole session length); `app_for` mounts an
 API on a FastAPI app; `serve_on_loopback` runs that app under uvicorn on a free port for real HTTP clients.
+
+Turns SGLang aborts end the way SGLang ends them: the scheduler's `FINISH_ABORT` (SGLang's class, with the
+status the scheduler gives it) goes through SGLang's own `TokenizerManager._handle_abort_finish_reason`, which
+raises ValueError for a 400 and an HTTPException for a 503 / 500, and returns the output otherwise.
 """
 
+import ast
 import asyncio
 import contextlib
+import functools
+import importlib.util
 import threading
 import time
+from http import HTTPStatus
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import uvicorn
 from fastapi import FastAPI
@@ -30,26 +40,47 @@ class FakeTokenizerManager:
         self.hold = None  # a threading.Event: appends wait for it (or an abort) before finishing
         self.aborted: set[str] = set()
         self.running = threading.Event()
+        self.abort_next = None  # (message, HTTPStatus or None): the next turn ends with this FINISH_ABORT
+        self.closed_by_sglang: list[str] = []
+        # what TokenizerManager._handle_abort_finish_reason reads of its tokenizer manager
+        self.rid_to_state: dict = {}
+        self.enable_lora = False
 
     async def open_session(self, obj):
         self.lengths[obj.session_id] = 0
         self.timeouts[obj.session_id] = obj.timeout
         return obj.session_id
 
-    async def close_session(self, obj):
+    async def close_session(self, obj, request=None):
         if obj.session_id in self.lengths:
             self.closed_lengths.append(self.lengths.pop(obj.session_id))
 
     def abort_request(self, rid):
         self.aborted.add(rid)
 
-    async def generate_request(self, obj, request):
+    async def _sglang_abort(self, obj, message, status):
+        """The last output of a turn SGLang's scheduler finished with FINISH_ABORT(message, status), as its
+        tokenizer manager hands it on (raises for 400 / 503 / 500, like SGLang)."""
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        reason = FINISH_ABORT(message, status, "BadRequestError" if status == 400 else None).to_json()
+        out = self._final(obj, 0, [], reason)
+        state = SimpleNamespace(obj=obj)
+        returned = await sglang_handle_abort_finish_reason()(self, out, state, obj.stream)
+        return out if returned is None else returned
+
+    async def generate_request(self, obj, request=None):
         sid = obj.session_params["id"]
         self.last_sampling_params = obj.sampling_params
         n_out = obj.sampling_params["max_new_tokens"]
         obj.scheduled_at = time.time()
-        if sid not in self.lengths:
-            yield self._final(obj, 0, [], {"type": "abort", "message": f"session id {sid} does not exist"})
+        if sid not in self.lengths:  # Scheduler.handle_generate_request's message for a session it lacks
+            yield await self._sglang_abort(obj, f"Invalid request: session id {sid} does not exist",
+                                           HTTPStatus.BAD_REQUEST)
+            return
+        if self.abort_next is not None:  # e.g. a running timeout (503) or /abort_request (no status)
+            (message, status), self.abort_next = self.abort_next, None
+            yield await self._sglang_abort(obj, message, status)
             return
         self.running.set()
         if self.hold is not None:
@@ -74,6 +105,22 @@ class FakeTokenizerManager:
         if obj.return_logprob:
             meta["output_token_logprobs"] = [(-1.0, t, None) for t in out]
         return {"output_ids": out, "meta_info": meta}
+
+
+@functools.cache
+def sglang_handle_abort_finish_reason():
+    """SGLang's own `TokenizerManager._handle_abort_finish_reason`, its source run verbatim. Not imported:
+    importing tokenizer_manager needs uvloop and installs uvloop's event loop policy for the whole process."""
+    import fastapi
+
+    path = importlib.util.find_spec("sglang.srt.managers.tokenizer_manager").origin
+    tree = ast.parse(Path(path).read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TokenizerManager")
+    fn = next(n for n in cls.body if isinstance(n, ast.AsyncFunctionDef) and n.name == "_handle_abort_finish_reason")
+    namespace = {"HTTPStatus": HTTPStatus, "fastapi": fastapi, "Optional": Optional, "ReqState": object,
+                 "TokenizerManager": object}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), namespace)
+    return namespace["_handle_abort_finish_reason"]
 
 
 def app_for(api):

@@ -127,7 +127,7 @@ def test_malformed_bodies(client, tm, raw, message):
 @pytest.mark.parametrize(
     "options, message",
     [({"output_budget": -2}, "must be >= 0"), ({"stop_ids": [VOCAB + 5]}, "stop id"),
-     ({"idle_timeout": 0}, "must be > 0"), ({"idle_timeout": "soon"}, "must be an integer or a number"),
+     ({"idle_timeout": -1}, "'idle_timeout' must be >= 0"), ({"idle_timeout": "soon"}, "must be an integer or a number"),
      ({"seed": -1}, "'seed' must be >= 0"), ({"seed": 1 << 63}, "'seed' must be < 2**63"),
      ({"seed": "7"}, "'seed' must be an integer"), ({"deadline_ms": 0}, "'deadline_ms' must be in (0, 60000]"),
      ({"deadline_ms": 1e9}, "'deadline_ms' must be in"), ({"deadline_ms": "fast"}, "'deadline_ms' must be")],
@@ -187,12 +187,50 @@ def test_client_disconnect_rolls_back_and_session_continues(api, client, tm):
     assert append(client, sid, [8]).json()["committed_length"] == 6
 
 
-def test_server_side_loss_of_session_is_410(client, tm):
-    sid = open_session(client)
-    del tm.lengths[sid]  # e.g. SGLang reaped it
-    r = append(client, sid, [5])
-    assert r.status_code == 410 and "no longer exists" in r.json()["error"]["message"]
-    assert state(client, sid)["state"] == "closed"
+def test_server_side_loss_of_session_is_410_and_releases_its_budget(api, client, tm):
+    sid = open_session(client, output_budget=1)
+    append(client, sid, [5, 6])
+    used = api.registry.used_tokens()
+    del tm.lengths[sid]  # e.g. SGLang reaped it: its scheduler answers the next turn with a 400 abort
+    r = append(client, sid, [7])
+    assert r.status_code == 410 and "no longer exists" in r.json()["error"]["message"], r.text
+    for _ in range(2):  # not a zombie: every retry is 410, never SGLang's 400
+        assert append(client, sid, [7]).status_code == 410
+    assert state(client, sid)["state"] == "expired" and state(client, sid)["length"] == 3
+    assert api.registry.used_tokens() == used - 3 and api.registry.open_sessions == 0
+
+
+def test_the_session_gone_messages_are_sglangs_own():
+    import inspect
+
+    from sglang.srt.managers.scheduler import Scheduler
+
+    from sglang_microturn.server.api_handlers import SESSION_GONE_MESSAGES
+
+    source = inspect.getsource(Scheduler.handle_generate_request)
+    assert all(m in source for m in SESSION_GONE_MESSAGES)
+
+
+@pytest.mark.parametrize("status, message", [(503, "Request running timeout reached."), (None, "Aborted")])
+def test_a_server_side_abort_is_503_retry_and_changes_nothing(client, tm, status, message):
+    sid = open_session(client, output_budget=1)
+    append(client, sid, [5])
+    before = state(client, sid)
+    tm.abort_next = (message, status)  # a running timeout (SGLang's 503) / an operator's /abort_request
+    r = append(client, sid, [6])
+    assert r.status_code == 503 and r.json()["error"]["code"] == 503, r.text
+    assert message in r.json()["error"]["message"] and "retry" in r.json()["error"]["message"]
+    after = state(client, sid)
+    assert after == {**before, "last_activity": after["last_activity"]} and tm.lengths[sid] == 2
+    assert append(client, sid, [6]).json()["committed_length"] == 4  # the retry applies once
+
+
+def test_sglangs_500_is_in_our_shape(client, tm):
+    sid = open_session(client, output_budget=1)
+    tm.abort_next = ("out of memory", 500)
+    r = append(client, sid, [6])
+    assert r.status_code == 500 and r.json() == {"error": {"code": 500, "message": r.json()["error"]["message"]}}
+    assert "out of memory" in r.json()["error"]["message"] and state(client, sid)["length"] == 0
 
 
 def test_kv_budget_429_for_open_and_append(monkeypatch, tm):
@@ -216,7 +254,7 @@ def test_kv_budget_429_for_open_and_append(monkeypatch, tm):
 def test_idle_session_expires_and_is_closed_in_sglang(api, client, tm):
     api.registry.sweep_interval_s = 0.0
     sid = open_session(client, idle_timeout=0.05)
-    assert tm.timeouts[sid] > 0.05  # SGLang's own timeout is a later backstop
+    assert tm.timeouts[sid] is None  # the registry is the only idle timer
     append(client, sid, [5])
     time.sleep(0.1)
     s = state(client, sid)
@@ -326,3 +364,215 @@ def test_the_front_keeps_sglangs_cors_policy(client):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://console.example"
     r = client.post("/microturn/open", json={}, headers={"Origin": "http://console.example"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://console.example"
+
+
+def _nothing_opened(api, tm):
+    return tm.lengths == {} and api.registry.open_sessions == 0 and api.registry.sessions == {}
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"temperature": 1e400}', "temperature"), (b'{"temperature": NaN}', "temperature"),
+    (b'{"idle_timeout": 1e400}', "idle_timeout"), (b'{"idle_timeout": NaN}', "idle_timeout"),
+    (b'{"idle_timeout": Infinity}', "idle_timeout"), (b'{"idle_timeout_s": 5}', "idle_timeout_s"),
+    (b"[" * 100_000 + b"]" * 100_000, "nests"), (b'{"output_budget": 1e30}', "output_budget"),
+    (b'{"output_budget": 100000000000000000000000000000}', "output_budget"),
+])
+def test_a_bad_number_or_field_in_an_open_is_400_naming_it_and_opens_nothing(api, client, tm, raw, field):
+    r = client.post("/microturn/open", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["code"] == 400 and _nothing_opened(api, tm)
+
+
+@pytest.mark.parametrize("raw_tail, field", [
+    (b', "output_budget": 1e400}', "output_budget"), (b', "expected_length": NaN}', "expected_length"),
+    (b', "return_logprobs": true}', "return_logprobs"), (b', "output_budget": 5000}', "output_budget"),
+])
+def test_a_bad_number_or_field_in_an_append_is_400_and_changes_nothing(client, tm, raw_tail, field):
+    sid = open_session(client, output_budget=1)
+    append(client, sid, [5])
+    before = state(client, sid)
+    raw = b'{"session_id": "%s", "input_ids": [6]' % sid.encode() + raw_tail
+    r = client.post("/microturn/append", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and field.replace("output_budget", "output") in r.json()["error"]["message"], r.text
+    after = state(client, sid)
+    assert after == {**before, "last_activity": after["last_activity"]} and tm.lengths[sid] == 2
+
+
+def test_an_output_budget_no_session_could_ever_get_is_400_not_429(client, tm):
+    sid = open_session(client)
+    r = append(client, sid, [5], output_budget=100_000)  # the whole session budget is 4096
+    assert r.status_code == 400 and "more than the whole 4096-token session budget" in r.json()["error"]["message"]
+    r = client.post("/microturn/open", json={"output_budget": 100_000})
+    assert r.status_code == 400 and state(client, sid)["length"] == 0
+
+
+def test_a_body_over_the_limit_is_413_and_changes_nothing(monkeypatch, tm):
+    monkeypatch.setenv("MICROTURN_MAX_BODY_BYTES", "2048")
+    api = MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))
+    client = TestClient(app_for(api))
+    sid = open_session(client, output_budget=1)
+    big = {"session_id": sid, "input_ids": [5] * 1000}  # ~3 kB
+    r = client.post("/microturn/append", json=big)
+    assert r.status_code == 413 and r.json()["error"] == {
+        "code": 413, "message": r.json()["error"]["message"]} and "MICROTURN_MAX_BODY_BYTES" in r.text
+    import json as _json
+
+    def chunked():  # no Content-Length: the limit holds while reading
+        raw = _json.dumps(big).encode()
+        for i in range(0, len(raw), 512):
+            yield raw[i:i + 512]
+
+    r = client.post("/microturn/append", content=chunked(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert state(client, sid)["length"] == 0 and tm.lengths[sid] == 0 and not state(client, sid)["in_flight"]
+    assert append(client, sid, [5]).status_code == 200
+
+
+def test_a_one_megabyte_session_id_is_not_echoed_back(client):
+    huge = "f" * 1_000_000
+    for r in (append(client, huge, [5]), client.post("/microturn/close", json={"session_id": huge}),
+              client.get(f"/microturn/sessions/{'f' * 10_000}")):
+        assert r.status_code in (400, 404) and len(r.content) < 1000, r.status_code
+
+
+def test_sglangs_http_exceptions_and_our_bugs_answer_in_our_shape(api, client, tm, monkeypatch):
+    import fastapi
+
+    async def unavailable(obj):
+        raise fastapi.HTTPException(status_code=503, detail="The server is overloaded")
+
+    monkeypatch.setattr(tm, "open_session", unavailable)
+    r = client.post("/microturn/open", json={})
+    assert r.status_code == 503 and r.json() == {"error": {"code": 503, "message": "The server is overloaded"}}
+    assert api.registry.open_sessions == 0  # the registry's half of the open was undone
+
+    async def bug(obj):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(tm, "open_session", bug)
+    r = client.post("/microturn/open", json={})
+    assert r.status_code == 500 and r.json() == {"error": {"code": 500, "message": "the server failed: KeyError"}}
+    assert api.registry.open_sessions == 0
+
+
+def test_the_cap_derived_from_the_pool_rows_refuses_opens_with_429(monkeypatch, tm):
+    monkeypatch.delenv("MICROTURN_MAX_SESSIONS", raising=False)
+    api = MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000, req_to_token_rows=3))
+    client = TestClient(app_for(api))
+    first, _ = open_session(client), open_session(client)  # 3 rows: 2 sessions, 1 row kept for plain requests
+    r = client.post("/microturn/open", json={})
+    assert r.status_code == 429 and "MICROTURN_MAX_SESSIONS" in r.json()["error"]["message"]
+    assert "Retry-After" in r.headers and len(tm.lengths) == 2
+    client.post("/microturn/close", json={"session_id": first})
+    open_session(client)
+
+
+def test_sessions_expire_by_default_and_idle_timeout_zero_opts_out(monkeypatch, tm):
+    monkeypatch.setenv("MICROTURN_IDLE_TIMEOUT_S", "0.05")
+    api = MicroTurnAPI(lambda: Backend(tm, max_total_num_tokens=100_000))
+    client = TestClient(app_for(api))
+    default, forever = open_session(client), open_session(client, idle_timeout=0)
+    time.sleep(0.1)
+    assert state(client, default)["state"] == "expired" and default not in tm.lengths
+    assert state(client, forever)["state"] == "open" and append(client, forever, [5]).status_code == 200
+
+
+def test_a_turn_longer_than_the_idle_timeout_is_not_reaped_underneath(api, client, tm):
+    sid = open_session(client, idle_timeout=0.05, output_budget=1)
+    assert tm.timeouts[sid] is None  # SGLang has no timer of its own that could start at the turn's arrival
+    tm.hold = threading.Event()
+    tm.running.clear()
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("turn", append(client, sid, [5])))
+    t.start()
+    assert tm.running.wait(5)
+    for _ in range(4):  # sweeps run while the turn takes 4x the idle timeout
+        time.sleep(0.05)
+        assert state(client, sid)["state"] == "open"
+    tm.hold.set()
+    t.join(5)
+    assert results["turn"].status_code == 200 and state(client, sid)["length"] == 2 == tm.lengths[sid]
+    tm.hold = None
+    assert append(client, sid, [6]).status_code == 200
+
+
+def test_the_reaper_expires_idle_sessions_without_any_call(api, tm, monkeypatch):
+    from sglang_microturn.server import api_handlers
+
+    monkeypatch.setattr(api_handlers, "REAP_INTERVAL_S", 0.01)
+    api.reap_in_background = True
+
+    async def scenario():
+        sid = (await api.open({"idle_timeout": 0.05}))["session_id"]
+        await api.sweep()  # the first call starts the reaper
+        await asyncio.sleep(0.3)
+        return sid
+
+    sid = asyncio.run(scenario())
+    assert api.registry.sessions[sid].state.value == "expired" and sid not in tm.lengths
+
+
+def test_plain_close_session_on_a_microturn_session_closes_it_in_the_registry(api, client, tm):
+    from sglang.srt.managers.io_struct import CloseSessionReqInput
+
+    sid = open_session(client, output_budget=1)
+    append(client, sid, [5])
+    assert api.registry.used_tokens() == 2
+    asyncio.run(tm.close_session(CloseSessionReqInput(session_id=sid)))  # what SGLang's /close_session calls
+    assert sid not in tm.lengths and api.registry.used_tokens() == 0 and api.registry.open_sessions == 0
+    r = append(client, sid, [6])
+    assert r.status_code == 410 and "closed" in r.json()["error"]["message"]
+    assert client.post("/microturn/close", json={"session_id": sid}).json()["already_closed"]
+
+
+def test_plain_generate_with_session_params_on_a_microturn_session_is_refused(api, client, tm):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    sid = open_session(client, output_budget=1)
+    append(client, sid, [5])
+    before = state(client, sid)
+
+    async def plain(session_params):
+        obj = GenerateReqInput(input_ids=[6], session_params=session_params, sampling_params={"max_new_tokens": 1})
+        return [out async for out in tm.generate_request(obj, None)]
+
+    for params in ({"id": sid}, [{"id": sid}]):  # what /generate, /v1/completions, /v1/chat/completions call
+        with pytest.raises(ValueError, match="is a /microturn session: append to it with POST /microturn/append"):
+            asyncio.run(plain(params))
+    after = state(client, sid)
+    assert after == {**before, "last_activity": after["last_activity"]} and tm.lengths[sid] == 2
+    tm.lengths["plain"] = 0  # an SGLang session opened with /open_session is not ours: it still works
+    assert asyncio.run(plain({"id": "plain"}))[-1]["meta_info"]["prompt_tokens"] == 1
+
+
+def test_multi_tokenizer_mode_is_refused_at_startup_in_one_line():
+    from types import SimpleNamespace
+
+    from sglang_microturn.server.routes import require_single_tokenizer
+
+    require_single_tokenizer(SimpleNamespace(tokenizer_worker_num=1))
+    with pytest.raises(SystemExit) as e:
+        require_single_tokenizer(SimpleNamespace(tokenizer_worker_num=4))
+    assert "--tokenizer-worker-num 4" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_launch_hook_refuses_multi_tokenizer_mode_before_mounting(monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_microturn.server import routes
+
+    registered = {}
+    monkeypatch.setattr(HookRegistry, "register", lambda target, fn, kind: registered.setdefault(target, fn))
+    routes.install()
+    before_launch = registered["sglang.srt.entrypoints.http_server.launch_server"]
+    with pytest.raises(SystemExit, match="--tokenizer-worker-num 2: the /microturn API needs 1"):
+        before_launch(SimpleNamespace(tokenizer_worker_num=2))
+    with pytest.raises(SystemExit, match="--tokenizer-worker-num 3"):
+        before_launch(server_args=SimpleNamespace(tokenizer_worker_num=3))
+
+
+def test_a_non_json_body_is_400_in_our_shape_never_a_422(client):
+    r = client.post("/microturn/open", data={"output_budget": "3"})  # a form, not JSON
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400 and "not valid JSON" in r.text

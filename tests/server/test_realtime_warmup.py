@@ -33,10 +33,11 @@ def test_group_sizes_stop_at_the_setting():
 
 
 class FakeAPI:
-    def __init__(self, fail_at: int | None = None):
+    def __init__(self, fail_at: int | None = None, max_sessions: int | None = None):
         self.open_ids, self.closed, self.appends, self.fail_at = [], [], [], fail_at
         self.in_flight = self.max_in_flight = 0
         self.admission = SimpleNamespace(forget=lambda: self.appends.append("forgot"))
+        self.registry = SimpleNamespace(max_sessions=max_sessions)
 
     async def open(self, body):
         sid = f"s{len(self.open_ids)}"
@@ -73,11 +74,12 @@ def test_a_failing_append_still_closes_every_session():
     assert sorted(api.closed) == sorted(api.open_ids)
 
 
-def test_install_registers_with_sglangs_warmups(monkeypatch):
+@pytest.mark.parametrize("cap, opened", [(None, 4), (3, 3)])
+def test_install_registers_with_sglangs_warmups(monkeypatch, cap, opened):
     from sglang.srt.entrypoints import warmup
 
     monkeypatch.setenv(ENV_SESSIONS, "4")
-    api = FakeAPI()
+    api = FakeAPI(max_sessions=cap)  # the warm-up never opens past the session cap (MICROTURN_MAX_SESSIONS)
     assert "up to 4 sessions" in realtime_warmup.install(lambda: api)
     flushes = []
 
@@ -91,8 +93,8 @@ def test_install_registers_with_sglangs_warmups(monkeypatch):
     tm = SimpleNamespace(model_config=SimpleNamespace(vocab_size=500), flush_cache=flush_cache, freeze_gc=freeze_gc)
     asyncio.run(warmup.execute_warmups("null", [NAME], tm))
     assert api.appends.pop() == "forgot"  # the admission guard forgets the warm-up's turns
-    assert len(api.appends) == sum(r.sessions for r in warmup_plan(4)) and len(api.closed) == 4
-    assert flushes == [4, "frozen"]  # the radix cache is flushed after every session closed, then heaps frozen
+    assert len(api.appends) == sum(r.sessions for r in warmup_plan(opened)) and len(api.closed) == opened
+    assert flushes == [opened, "frozen"]  # the radix cache is flushed after every session closed, then heaps frozen
 
 
 def test_bad_setting_registers_nothing():
