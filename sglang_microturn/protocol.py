@@ -18,7 +18,9 @@ SESSION_GONE = "session_gone"
 LENGTH_MISMATCH = "length_mismatch"
 OVER_BUDGET = "over_budget"
 OVER_CAPACITY = "over_capacity"
+PAYLOAD_TOO_LARGE = "payload_too_large"
 SERVER_ERROR = "server_error"
+SERVICE_UNAVAILABLE = "service_unavailable"
 
 # name -> (HTTP status, meaning). A status shared by two names (429) reads back as the first of them.
 ERRORS: dict[str, tuple[int, str]] = {
@@ -29,9 +31,12 @@ ERRORS: dict[str, tuple[int, str]] = {
     SESSION_BUSY: (409, "an append of this session is already in flight"),
     SESSION_GONE: (410, "the session is closed or expired"),
     LENGTH_MISMATCH: (412, "the append's expected_length is not the session's committed length"),
+    PAYLOAD_TOO_LARGE: (413, "the request body is over the server's size limit"),
     OVER_BUDGET: (429, "the sessions' KV budget is exhausted"),
     OVER_CAPACITY: (429, "a new session would take the server past its real-time capacity (Retry-After)"),
     SERVER_ERROR: (500, "the server failed"),
+    SERVICE_UNAVAILABLE: (503, "the server aborted the request (out of memory, a timeout) and changed nothing: "
+                               "retry, after Retry-After seconds when it is given"),
 }
 
 
