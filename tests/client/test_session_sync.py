@@ -49,14 +49,14 @@ def echo():
 
 def test_a_timed_out_request_never_hands_its_reply_to_the_next(echo):
     async def run():
-        conn = HTTPConnection(echo, timeout_s=0.2)
+        conn = HTTPConnection(echo, timeout_s=0.5)
         got = []
         try:
             for n in range(3):
-                with pytest.raises(RequestTimeoutError, match="no response within 0.2 s"):
-                    await conn.request("POST", "/echo", {"n": n, "delay": 0.35})
+                with pytest.raises(RequestTimeoutError, match="no response within 0.5 s"):
+                    await conn.request("POST", "/echo", {"n": n, "delay": 0.8})
                 got.append((await conn.request("POST", "/echo", {"n": 100 + n, "delay": 0}))["n"])
-            await asyncio.sleep(0.3)  # every late reply is due by now
+            await asyncio.sleep(0.5)  # every late reply is due by now
             got.append((await conn.request("POST", "/echo", {"n": 200, "delay": 0}))["n"])
         finally:
             await conn.close()
@@ -110,7 +110,7 @@ def test_an_interrupted_append_leaves_the_next_append_its_own_reply(server, how,
         tm.abort_request = lambda rid: None
 
     async def run():
-        async with MicroTurnClient(url) as patient, MicroTurnClient(url, timeout_s=0.5) as client:
+        async with MicroTurnClient(url) as patient, MicroTurnClient(url, timeout_s=1.0) as client:
             opened = await patient.open(output_budget=2)  # the first call of a test server can be slow
             session = MicroTurnSession(client, opened.session_id, committed_length=0)
             await session.append([5])  # length 3
