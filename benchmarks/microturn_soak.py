@@ -124,7 +124,7 @@ class SessionDriver:
             await conn.close()  # finished before we could drop it: an ordinary acknowledged append
             self.check_reply(chunk, task.result())
             return
-        task.cancel()  # httpx closes the request's connection: the server sees the disconnect
+        task.cancel()  # aiohttp closes the request's connection: the server sees the disconnect
         with contextlib.suppress(BaseException):
             await task
         await conn.close()

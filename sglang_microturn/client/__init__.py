@@ -1,4 +1,4 @@
-"""The asyncio client of the /microturn API (httpx; no torch, no SGLang)."""
+"""The asyncio client of the /microturn API (aiohttp; no torch, no SGLang)."""
 
 from sglang_microturn.client.connection import HTTPConnection  # noqa: F401
 from sglang_microturn.client.errors import (  # noqa: F401

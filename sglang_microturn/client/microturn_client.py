@@ -10,7 +10,7 @@ Staying in sync with the server's sequence:
   * Every append carries `expected_length`, the committed length the session last saw, so the server applies
     it only on top of exactly that sequence (else 412). A copy of an append can therefore never apply twice.
   * A reply is accepted only if it follows from the append: its session, and committed_length = expected +
-    input + output. The transport (client/connection.py, httpx) never hands a request an earlier request's
+    input + output. The transport (client/connection.py, aiohttp) never hands a request an earlier request's
     reply; this check makes sure of it.
   * After a dropped connection the session waits until the server holds no append in flight and reads the
     sequence: if the lost copy committed, its turn is the reply (marked "recovered"); if not, the append is
@@ -23,7 +23,7 @@ Staying in sync with the server's sequence:
   * A 412 on a first attempt means someone else changed the session: the session re-reads its length, adopts
     it and raises LengthMismatchError with both lengths.
 
-Runs without SGLang or torch; its one dependency is httpx (why: client/connection.py).
+Runs without SGLang or torch; its one dependency is aiohttp (why: client/connection.py).
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ class MicroTurnSession:
 
 
 class MicroTurnClient:
-    """Opens sessions on the server at `base_url`. Owns one HTTPConnection (httpx's connection pool) from
+    """Opens sessions on the server at `base_url`. Owns one HTTPConnection (aiohttp's connection pool) from
     construction until `close()`; the sessions it opens send through it. Use `async with` or call
     `await client.close()`."""
 
