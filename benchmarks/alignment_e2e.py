@@ -92,7 +92,7 @@ async def collect_records(url: str, sessions: int, turns: int, model_path: str, 
             return list(await asyncio.gather(*(one(i) for i in range(sessions))))
         return [await one(i) for i in range(sessions)]
     finally:
-        client.close()
+        await client.close()
 
 
 CHUNK_RANGE = (1, 300)  # input ids per random turn

@@ -66,7 +66,7 @@ async def run_upstream(url: str, sessions: int, turns: int, vocab: int, warmup: 
             history += chunk + list(out["output_ids"])
         if sid is not None:
             await conn.request("POST", "/close_session", {"session_id": sid})
-        conn.close()
+        await conn.close()
 
     t0 = time.time()
     await asyncio.gather(*(one(i) for i in range(sessions)))
@@ -78,7 +78,7 @@ async def freeze_gc(url: str) -> None:
     try:
         await conn.request("POST", "/freeze_gc")
     finally:
-        conn.close()
+        await conn.close()
 
 
 def scenarios(args) -> list[tuple[int, int]]:

@@ -121,13 +121,13 @@ class SessionDriver:
         task = asyncio.ensure_future(conn.request("POST", "/microturn/append", self.body(chunk)))
         await asyncio.sleep(self.rng.uniform(0, 0.04))
         if task.done() and not task.cancelled() and task.exception() is None:
-            conn.close()  # finished before we could drop it: an ordinary acknowledged append
+            await conn.close()  # finished before we could drop it: an ordinary acknowledged append
             self.check_reply(chunk, task.result())
             return
-        task.cancel()
-        conn.close()
+        task.cancel()  # aiohttp closes the request's connection: the server sees the disconnect
         with contextlib.suppress(BaseException):
             await task
+        await conn.close()
         self.dropped.append(chunk)
         await self.settle()
         await self.resync()
@@ -147,7 +147,7 @@ class SessionDriver:
         results = await asyncio.gather(self.session.append(first, expected_length=len(self.acked)),
                                        other.request("POST", "/microturn/append", self.body(second)),
                                        return_exceptions=True)
-        other.close()
+        await other.close()
         if all(isinstance(r, SessionBusyError) for r in results):
             # Both met a dropped append that reached the server after our last look (legal: it runs, then
             # commits or rolls back); wait it out, adopt it if it committed, and try the pair again.
@@ -230,7 +230,7 @@ async def soak(url: str, args) -> dict:
         budget = {"error": f"{type(e).__name__}: {e}"}
     for d in drivers[1:]:
         await d.session.close()
-    client.close()
+    await client.close()
     totals = {k: sum(d.counts[k] for d in drivers) for k in drivers[0].counts}
     return {"wall_s": round(wall, 1), "sessions_equal_to_acknowledged": equal, "totals": totals,
             "budget": budget, "errors": [e for d in drivers for e in d.errors][:20]}

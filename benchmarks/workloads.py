@@ -108,7 +108,7 @@ async def run_ours(url: str, sessions: int, turns: int, vocab: int, warmup: int,
     t1 = time.time()
     for s in opened:
         await s.close()
-    client.close()
+    await client.close()
     return {**summarize(log, t0), "server_vs_registry_length_mismatches": mismatches,
             "server_stalls": stalls_between(server_log, t0, t1)}
 

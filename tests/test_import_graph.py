@@ -3,7 +3,8 @@ alignment/ may reach, following the package's own imports transitively, includin
 
   format/, client/, model/, alignment/  never reach sglang_microturn.server or SGLang (trainers and clients run
                                         without SGLang)
-  client/                               never reaches torch either (stdlib only, plus protocol)
+  client/                               reaches only the stdlib, our own modules and aiohttp (a runtime
+                                        dependency in pyproject.toml): no torch, no numpy
   protocol.py, config.py                stdlib only
 """
 
@@ -80,6 +81,18 @@ def test_rooms_without_sglang_never_reach_the_server_or_sglang(room):
 
 def test_the_client_never_reaches_torch():
     assert [v for m in _room("client") for v in _violations(m, NO_SGLANG + ("torch", "numpy", "microturn_kernels"))] == []
+
+
+def test_the_client_needs_only_aiohttp_outside_the_stdlib():
+    """What the client reaches outside the stdlib and our package is declared in pyproject's runtime
+    dependencies: `pip install sglang-microturn` is enough to use it."""
+    import tomllib
+
+    outside = {name.split(".")[0] for m in _room("client") for name in _reach(m)
+               if name.split(".")[0] not in sys.stdlib_module_names and not name.startswith("sglang_microturn")}
+    assert outside == {"aiohttp"}
+    declared = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].split("<")[0].strip() == "aiohttp" for d in declared), declared
 
 
 @pytest.mark.parametrize("module", ["sglang_microturn.protocol", "sglang_microturn.config"])

@@ -1,18 +1,22 @@
-"""The asyncio client of the /microturn API (stdlib only: no torch, no SGLang)."""
+"""The asyncio client of the /microturn API (aiohttp; no torch, no SGLang)."""
 
-from sglang_microturn.client.microturn_client import (  # noqa: F401
+from sglang_microturn.client.connection import HTTPConnection  # noqa: F401
+from sglang_microturn.client.errors import (  # noqa: F401
     BadRequestError,
-    HTTPConnection,
+    ConnectionLostError,
     LengthMismatchError,
-    MicroTurnClient,
+    MicroTurnClientError,
     MicroTurnHTTPError,
-    MicroTurnSession,
     OverBudgetError,
+    PayloadTooLargeError,
+    ProtocolError,
+    RequestTimeoutError,
     ServerError,
+    ServiceUnavailableError,
     SessionBusyError,
     SessionGoneError,
     SessionNotFoundError,
-    TurnRecord,
     UnauthorizedError,
     error_for,
 )
+from sglang_microturn.client.microturn_client import MicroTurnClient, MicroTurnSession, TurnRecord  # noqa: F401

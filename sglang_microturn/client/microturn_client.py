@@ -3,139 +3,52 @@
 A `MicroTurnSession` keeps at most one append in flight (appends queue on a lock) and, in `stream()`, paces
 appends on a real-time clock: micro-turn k is sent at `start + k * period_s` (default 200 ms), or as soon as
 the previous one returns if that is later (the turn is then recorded as late). Every turn's timing is kept
-in `session.turns`. Server errors raise typed exceptions (`SessionBusyError` for 409, ...; the table is
-sglang_microturn/protocol.py, the server's too).
+in `session.turns`. Server errors raise typed exceptions (`SessionBusyError` for 409, ...; client/errors.py,
+from the table in sglang_microturn/protocol.py that the server answers with).
 
-Stdlib only (HTTP/1.1 over asyncio streams, one keep-alive connection per session), so it runs anywhere the
-server's users run, without SGLang.
+Staying in sync with the server's sequence:
+  * Every append carries `expected_length`, the committed length the session last saw, so the server applies
+    it only on top of exactly that sequence (else 412). A copy of an append can therefore never apply twice.
+  * A reply is accepted only if it follows from the append: its session, and committed_length = expected +
+    input + output. The transport (client/connection.py, aiohttp) never hands a request an earlier request's
+    reply; this check makes sure of it.
+  * After a dropped connection the session waits until the server holds no append in flight and reads the
+    sequence: if the lost copy committed, its turn is the reply (marked "recovered"); if not, the append is
+    resent with the same expected_length (APPEND_ATTEMPTS sends in all). A copy stuck in the network that
+    arrives after the resend committed meets 412 and applies nothing; a resend that meets 409 (a copy still
+    runs) or 412 (one may have committed) makes the session look again.
+  * An append that ends without an answer (timeout, cancellation, a connection lost for good, a reply that
+    does not follow) leaves the session "unsynced": its next append first waits for the server to resolve that
+    turn and re-reads the session. If the turn committed after all it is recorded in `turns` (recovered).
+  * A 412 on a first attempt means someone else changed the session: the session re-reads its length, adopts
+    it and raises LengthMismatchError with both lengths.
+
+Runs without SGLang or torch; its one dependency is aiohttp (why: client/connection.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
-from sglang_microturn import protocol
+from sglang_microturn.client.connection import HTTPConnection
+from sglang_microturn.client.errors import (
+    ConnectionLostError,
+    LengthMismatchError,
+    MicroTurnClientError,
+    MicroTurnHTTPError,
+    ProtocolError,
+    RequestTimeoutError,
+    SessionBusyError,
+)
 
-
-class MicroTurnHTTPError(Exception):
-    """An error response from the server. Each subclass is one error `name` of sglang_microturn.protocol and
-    has that name's HTTP `status`."""
-
-    name: str = protocol.SERVER_ERROR
-    status: int = 0
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls.status = protocol.status_of(cls.name)
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status, self.message = status, message
-
-
-class BadRequestError(MicroTurnHTTPError):
-    name = protocol.BAD_REQUEST
-
-
-class UnauthorizedError(MicroTurnHTTPError):
-    name = protocol.UNAUTHORIZED
-
-
-class SessionNotFoundError(MicroTurnHTTPError):
-    name = protocol.SESSION_NOT_FOUND
-
-
-class SessionBusyError(MicroTurnHTTPError):
-    name = protocol.SESSION_BUSY
-
-
-class SessionGoneError(MicroTurnHTTPError):
-    name = protocol.SESSION_GONE
-
-
-class LengthMismatchError(MicroTurnHTTPError):
-    name = protocol.LENGTH_MISMATCH
-
-
-class OverBudgetError(MicroTurnHTTPError):
-    name = protocol.OVER_BUDGET  # every 429: the KV budget or admission (over_capacity)
-
-
-class ServerError(MicroTurnHTTPError):
-    name = protocol.SERVER_ERROR
-
-
-_ERRORS = {c.name: c for c in (BadRequestError, UnauthorizedError, SessionNotFoundError, SessionBusyError,
-                               SessionGoneError, LengthMismatchError, OverBudgetError, ServerError)}
-
-
-def error_for(status: int, message: str) -> MicroTurnHTTPError:
-    return _ERRORS.get(protocol.name_of(status), ServerError)(status, message)
-
-
-class HTTPConnection:
-    """One keep-alive HTTP/1.1 connection sending JSON requests, reconnecting when the server closed it."""
-
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 60.0):
-        parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"base_url must be http://host:port, got {base_url!r}")
-        self.host, self.port = parts.hostname, parts.port or 80
-        self.api_key, self.timeout_s = api_key, timeout_s
-        self._reader = self._writer = None
-
-    async def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        payload = b"" if body is None else json.dumps(body).encode()
-        headers = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Connection: keep-alive",
-                   f"Content-Length: {len(payload)}", "Content-Type: application/json"]
-        if self.api_key:
-            headers.append(f"Authorization: Bearer {self.api_key}")
-        raw = ("\r\n".join(headers) + "\r\n\r\n").encode() + payload
-        for attempt in (0, 1):  # a keep-alive connection the server closed is retried once on a fresh one
-            if self._writer is None:
-                self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-            try:
-                self._writer.write(raw)
-                await self._writer.drain()
-                status, data = await asyncio.wait_for(self._read_response(), self.timeout_s)
-                break
-            except (ConnectionError, asyncio.IncompleteReadError):
-                self.close()
-                if attempt:
-                    raise
-        out = json.loads(data or b"null")
-        if status >= 400:
-            message = out.get("error", {}).get("message") if isinstance(out, dict) else None
-            raise error_for(status, message or str(out))
-        return out
-
-    async def _read_response(self) -> tuple[int, bytes]:
-        reader = self._reader  # close() from another task drops self._reader; this read then just fails
-        status_line = await reader.readuntil(b"\r\n")
-        status = int(status_line.split()[1])
-        length, close = 0, False
-        while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-            name, _, value = line.decode().partition(":")
-            name = name.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "connection" and value.strip().lower() == "close":
-                close = True
-        data = await reader.readexactly(length)
-        if close:
-            self.close()
-        return status, data
-
-    def close(self) -> None:
-        """Close the connection; a request still running on the server sees a client disconnect."""
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
+# An append whose connection dropped is sent at most this many times in all (each with the same
+# expected_length, so at most one of them applies).
+APPEND_ATTEMPTS = 3
+# How often a session polls the server while it waits for a lost append to commit or roll back.
+SETTLE_POLL_S = 0.01
 
 
 @dataclass
@@ -147,8 +60,9 @@ class TurnRecord:
     due: float  # when pacing wanted it sent (time.monotonic)
     sent: float
     done: float
-    server: dict  # server timestamps (unix seconds): received, first_token, done
+    server: dict  # server timestamps (unix seconds): received, first_token, done (None when recovered)
     output_logprobs: list[float] | None = None  # the sampled tokens' logprobs, when appended with return_logprob
+    recovered: bool = False  # its reply was lost; the turn was read back from the session's sequence
 
     @property
     def latency_ms(self) -> float:
@@ -161,34 +75,168 @@ class TurnRecord:
 
 
 @dataclass
+class _LostTurn:
+    """An append that ended without an answer: what it asked for, to recognise it in the server's sequence."""
+
+    expected_length: int
+    input_ids: list[int]
+    due: float
+    sent: float
+
+
+@dataclass
 class MicroTurnSession:
+    """One open session. Owns nothing on the wire: its requests go through its client's connection pool, one
+    at a time. `committed_length` is the server's committed length as the session last saw it (None: unknown,
+    read before the next append)."""
+
     client: MicroTurnClient
     session_id: str
     period_s: float = 0.2
     turns: list[TurnRecord] = field(default_factory=list)
+    committed_length: int | None = None
 
     def __post_init__(self):
-        self._conn = HTTPConnection(self.client.base_url, self.client.api_key, self.client.timeout_s)
         self._lock = asyncio.Lock()
+        self._lost: _LostTurn | None = None  # set while unsynced: the turn whose outcome is not known
+
+    @property
+    def _conn(self) -> HTTPConnection:
+        return self.client.connection
 
     async def append(self, input_ids: list[int], output_budget: int | None = None, *,
                      return_logprob: bool = False, expected_length: int | None = None,
                      due: float | None = None) -> dict:
         """One micro-turn; waits for the previous one (never two in flight). Returns the server's reply.
-        `expected_length`: fail with LengthMismatchError unless the session has exactly this many tokens."""
-        body = {"session_id": self.session_id, "input_ids": list(input_ids), "return_logprob": return_logprob}
-        if output_budget is not None:
-            body["output_budget"] = output_budget
-        if expected_length is not None:
-            body["expected_length"] = expected_length
+        Sends `expected_length` (default: the committed length this session last saw; pass it to assert your
+        own view): LengthMismatchError unless the session has exactly that many tokens."""
+        input_ids = list(input_ids)
         async with self._lock:
+            if self._lost is not None or self.committed_length is None:
+                await self._resync()
+            expected = self.committed_length if expected_length is None else expected_length
+            body = {"session_id": self.session_id, "input_ids": input_ids, "return_logprob": return_logprob,
+                    "expected_length": expected}
+            if output_budget is not None:
+                body["output_budget"] = output_budget
             sent = time.monotonic()
-            reply = await self._conn.request("POST", "/microturn/append", body)
+            due = sent if due is None else due
+            turn = _LostTurn(expected, input_ids, due, sent)
+            try:
+                reply = await self._send_append(body, turn)
+                self._check_reply(reply, expected, input_ids)
+            except LengthMismatchError as e:
+                await self._adopt_length(e, expected)
+                raise
+            except MicroTurnHTTPError:
+                raise  # refused, nothing changed (unless a copy was lost first: _send_append noted it)
+            except BaseException:  # timed out, cancelled, lost for good, or a reply not to this append
+                self._lost = turn
+                raise
             done = time.monotonic()
-        self.turns.append(TurnRecord(len(self.turns), list(input_ids), reply["output_ids"], reply["committed_length"],
-                                     sent if due is None else due, sent, done, reply["timestamps"],
-                                     reply.get("output_logprobs")))
+            self.committed_length, self._lost = reply["committed_length"], None
+            self.turns.append(TurnRecord(len(self.turns), input_ids, reply["output_ids"], reply["committed_length"],
+                                         due, sent, done, reply["timestamps"], reply.get("output_logprobs"),
+                                         bool(reply.get("recovered"))))
         return reply
+
+    async def _send_append(self, body: dict, turn: _LostTurn) -> dict:
+        """POST the append; after a dropped connection, resend it with the same expected_length (at most
+        APPEND_ATTEMPTS sends in all), resolving any earlier copy first: see the module docstring. Leaves
+        `self._lost` set if a copy was lost and nothing showed what became of it."""
+        for attempt in range(APPEND_ATTEMPTS):
+            last = attempt == APPEND_ATTEMPTS - 1
+            try:
+                return await self._conn.request("POST", "/microturn/append", body)
+            except ConnectionLostError:
+                self._lost = turn
+                if last:
+                    raise
+                refusal = None
+            except (SessionBusyError, LengthMismatchError) as e:
+                if attempt == 0:
+                    raise  # no copy of ours is out there: another writer has the session
+                refusal = e  # 409: an earlier copy may still run; 412: it may have committed
+            # An earlier copy may have reached the server: let it commit or roll back, then look.
+            state = await self._settled_state(tokens=True)
+            reply = self._reply_from_state(state, turn.expected_length, turn.input_ids)
+            if reply is not None:
+                return reply
+            if state["length"] != turn.expected_length:
+                self._lost = None  # our copy is not in the sequence, and cannot apply to a longer one
+                error = LengthMismatchError(412, f"session {self.session_id} has {state['length']} committed "
+                                                 f"tokens, not the expected {turn.expected_length}, after a "
+                                                 "dropped connection")
+                error.committed_length = state["length"]
+                raise error
+            if last:
+                raise refusal
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _reply_from_state(self, state: dict, expected: int, input_ids: list[int]) -> dict | None:
+        """The reply of our lost append if the session's sequence shows it committed (its input right after
+        the expected length; everything after that is its output: a session has one writer), else None."""
+        tokens, n = state.get("tokens") or [], len(input_ids)
+        if not n or len(tokens) < expected + n or tokens[expected: expected + n] != input_ids:
+            return None
+        return {"session_id": self.session_id, "output_ids": tokens[expected + n:], "committed_length": len(tokens),
+                "server_length": len(tokens), "finish_reason": None, "recovered": True,
+                "timestamps": {"received": None, "scheduled": None, "first_token": None, "done": None}}
+
+    def _check_reply(self, reply, expected: int, input_ids: list[int]) -> None:
+        """Accept only the reply to this append: our session, and the length it must have produced."""
+        if not isinstance(reply, dict) or not isinstance(reply.get("output_ids"), list):
+            raise ProtocolError(f"session {self.session_id}: an append reply without output_ids: {reply!r:.200}")
+        if reply.get("session_id", self.session_id) != self.session_id:
+            raise ProtocolError(f"session {self.session_id}: got the reply of session {reply['session_id']}")
+        want = expected + len(input_ids) + len(reply["output_ids"])
+        if reply.get("committed_length") != want:
+            raise ProtocolError(f"session {self.session_id}: reply committed_length {reply.get('committed_length')} "
+                                f"!= {want} (expected_length {expected} + {len(input_ids)} input + "
+                                f"{len(reply['output_ids'])} output): not this append's reply")
+
+    async def _settled_state(self, tokens: bool = False) -> dict:
+        """GET the session once it has no append in flight (polls every SETTLE_POLL_S, for up to timeout_s)."""
+        deadline = time.monotonic() + self.client.timeout_s
+        while True:
+            state = await self._get_state(tokens)
+            if not state.get("in_flight"):
+                return state
+            if time.monotonic() > deadline:
+                raise RequestTimeoutError(f"session {self.session_id} still has an append in flight after "
+                                          f"{self.client.timeout_s} s (timeout_s)")
+            await asyncio.sleep(SETTLE_POLL_S)
+
+    async def _get_state(self, tokens: bool) -> dict:
+        path = f"/microturn/sessions/{self.session_id}" + ("?tokens=1" if tokens else "")
+        try:
+            return await self._conn.request("GET", path)
+        except ConnectionLostError:  # a GET changes nothing: once more on a fresh connection
+            return await self._conn.request("GET", path)
+
+    async def _resync(self) -> None:
+        """Re-read the session after an append that ended without an answer (or for a session of unknown
+        length); a lost turn that committed after all goes into `turns`, marked recovered."""
+        lost = self._lost
+        state = await self._settled_state(tokens=lost is not None)
+        if lost is not None:
+            reply = self._reply_from_state(state, lost.expected_length, lost.input_ids)
+            if reply is not None:
+                self.turns.append(TurnRecord(len(self.turns), lost.input_ids, reply["output_ids"], len(state["tokens"]),
+                                             lost.due, lost.sent, time.monotonic(), reply["timestamps"],
+                                             recovered=True))
+        self.committed_length, self._lost = state["length"], None
+
+    async def _adopt_length(self, error: LengthMismatchError, expected: int) -> None:
+        """After a 412: re-read the session's length, adopt it, and say both on the error."""
+        error.expected_length = expected
+        if error.committed_length is None:
+            try:
+                error.committed_length = (await self._settled_state())["length"]
+            except MicroTurnClientError:  # the 412 is the error to report; the next append re-reads
+                self.committed_length = None
+                return
+        self.committed_length = error.committed_length
 
     async def stream(self, chunks: Iterable[list[int]], output_budget: int | None = None) -> AsyncIterator[dict]:
         """Append each chunk on its real-time slot (`period_s` apart); yields each reply."""
@@ -199,35 +247,51 @@ class MicroTurnSession:
             yield await self.append(chunk, output_budget, due=due)
 
     async def status(self, tokens: bool = False) -> dict:
-        async with self._lock:  # one request at a time on the session's connection
-            return await self._conn.request("GET", f"/microturn/sessions/{self.session_id}" + ("?tokens=1" if tokens else ""))
+        """The session's state (GET /microturn/sessions/<id>); `tokens` adds the committed sequence."""
+        async with self._lock:
+            return await self._get_state(tokens)
 
     async def close(self) -> dict:
+        """Close the session (idempotent on the server, so retried once after a dropped connection)."""
+        body = {"session_id": self.session_id}
         async with self._lock:
             try:
-                return await self._conn.request("POST", "/microturn/close", {"session_id": self.session_id})
-            finally:
-                self._conn.close()
+                return await self._conn.request("POST", "/microturn/close", body)
+            except ConnectionLostError:
+                return await self._conn.request("POST", "/microturn/close", body)
 
 
 class MicroTurnClient:
+    """Opens sessions on the server at `base_url`. Owns one HTTPConnection (aiohttp's connection pool) from
+    construction until `close()`; the sessions it opens send through it. Use `async with` or call
+    `await client.close()`."""
+
     def __init__(self, base_url: str = "http://127.0.0.1:30000", api_key: str | None = None, timeout_s: float = 60.0):
         self.base_url, self.api_key, self.timeout_s = base_url, api_key, timeout_s
-        self._control = HTTPConnection(base_url, api_key, timeout_s)
-        self._control_lock = asyncio.Lock()  # one keep-alive connection: concurrent opens take turns on it
+        self.connection = HTTPConnection(base_url, api_key, timeout_s)
 
     async def open(self, output_budget: int = 8, stop_ids: Iterable[int] = (), idle_timeout: float | None = None,
                    temperature: float = 0.0, period_s: float = 0.2, ignore_eos: bool = False,
                    seed: int | None = None) -> MicroTurnSession:
+        """Open a session (never retried: an open whose reply was lost may have opened one, which the server's
+        idle timeout reclaims)."""
         body = {"output_budget": output_budget, "stop_ids": list(stop_ids), "temperature": temperature,
                 "ignore_eos": ignore_eos}
         if idle_timeout is not None:
             body["idle_timeout"] = idle_timeout
         if seed is not None:
             body["seed"] = seed
-        async with self._control_lock:
-            reply = await self._control.request("POST", "/microturn/open", body)
-        return MicroTurnSession(self, reply["session_id"], period_s)
+        reply = await self.connection.request("POST", "/microturn/open", body)
+        if not isinstance(reply, dict) or not isinstance(reply.get("session_id"), str):
+            raise ProtocolError(f"POST /microturn/open: a reply without a session_id: {reply!r:.200}")
+        return MicroTurnSession(self, reply["session_id"], period_s, committed_length=0)
 
-    def close(self) -> None:
-        self._control.close()
+    async def close(self) -> None:
+        """Close the connection pool (sessions stay open on the server: close them first)."""
+        await self.connection.close()
+
+    async def __aenter__(self) -> MicroTurnClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

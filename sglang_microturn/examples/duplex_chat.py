@@ -84,7 +84,7 @@ async def chat(url: str, turns: int) -> int:
                   f"{rec.latency_ms:>6.1f}ms {rec.late_ms:>4.0f}ms")
     finally:
         await session.close()
-        client.close()
+        await client.close()
     lat = sorted(t.latency_ms for t in session.turns)
     print(f"{len(lat)} micro-turns: p50 {lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms; sent at most "
           f"{max(t.late_ms for t in session.turns):.1f} ms after its slot")

@@ -17,7 +17,7 @@ def test_stream_paces_on_the_clock_and_records_turns(server):
         replies = [r async for r in session.stream([[5, 6], [7], [8, 9, 10]])]
         status = await session.status(tokens=True)
         await session.close()
-        client.close()
+        await client.close()
         return session, replies, status
 
     session, replies, status = asyncio.run(run())
@@ -36,7 +36,7 @@ def test_concurrent_appends_from_one_session_are_serialized(server):
         client = MicroTurnClient(url)
         session = await client.open(output_budget=1)
         replies = await asyncio.gather(*(session.append([5 + i]) for i in range(4)))  # never a 409
-        client.close()
+        await client.close()
         return sorted(r["committed_length"] for r in replies)
 
     assert asyncio.run(run()) == [2, 4, 6, 8]
@@ -55,7 +55,7 @@ def test_typed_errors(server):
             await session.append([5])
         with pytest.raises(SessionNotFoundError):
             await _append_unknown(url)
-        client.close()
+        await client.close()
 
     asyncio.run(run())
 
@@ -63,4 +63,5 @@ def test_typed_errors(server):
 async def _append_unknown(url):
     from sglang_microturn.client import MicroTurnSession
 
-    await MicroTurnSession(MicroTurnClient(url), "0" * 32).append([5])
+    async with MicroTurnClient(url) as client:
+        await MicroTurnSession(client, "0" * 32).append([5])
