@@ -217,7 +217,7 @@ async def collect_random(url: str, sessions: int, concurrency: int, turns: int, 
                 out[path]["flags"] += [flag_positions(r, e) for r, e in zip(records, rescored)]
                 out[path]["disagreements"] += sum(d for _, d in done)
     finally:
-        client.close()
+        await client.close()
     return out
 
 
