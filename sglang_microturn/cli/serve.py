@@ -14,13 +14,20 @@ from __future__ import annotations
 import os
 import sys
 
-# (flag, value or None for a switch, why). A default is added only when the user did not pass the flag.
+# (flag, value or None for a switch, why). A default is added only when the user did not pass the flag; a value
+# of several words is several arguments.
 SERVE_DEFAULTS: tuple[tuple[str, str | None, str], ...] = (
     ("--enable-streaming-session", None, "each micro-turn appends to a session's persistent sequence"),
     ("--attention-backend", "triton", "our attention kernels extend SGLang's Triton backend"),
     ("--sampling-backend", "pytorch", "seeded, batch-invariant sampling"),
     ("--schedule-policy", "fcfs", "lpm rebuilds every waiting session's whole history each iteration"),
     ("--warmups", "microturn", "run the micro-turn batch shapes once (kernels compile) before /health is green"),
+    # The HTTP process allocates ~1000 objects a micro-turn that live until its reply. With CPython's default
+    # thresholds (700, 10, 10) young collections run ~100 times a second and promote every turn in flight, so
+    # from 224 live sessions a full collection stalled all of them for 25-70 ms about once a second (H200,
+    # benchmarks/results/realtime_capacity_small_h200.json). Rarer young collections promote far fewer
+    # short-lived objects; a full one then comes every few minutes under that load.
+    ("--gc-threshold", "10000 20 50", "no full garbage collection of the HTTP process every second under load"),
 )
 
 
@@ -92,7 +99,7 @@ def launch_argv(user_args: list[str], default_model_path: str | None) -> list[st
         argv += ["--model-path", default_model_path]
     for flag, value, _why in SERVE_DEFAULTS:
         if not has_flag(user_args, flag):
-            argv += [flag] if value is None else [flag, value]
+            argv += [flag] if value is None else [flag, *value.split()]
     return argv + user_args
 
 

@@ -15,7 +15,7 @@ def test_defaults_and_default_model_are_added():
     assert argv[3:5] == ["--model-path", "/cache/default"]
     for flag, value, _ in SERVE_DEFAULTS:
         i = argv.index(flag)
-        assert value is None or argv[i + 1] == value
+        assert value is None or argv[i + 1:i + 1 + len(value.split())] == value.split()
     assert argv[-2:] == ["--port", "31000"]
 
 
@@ -72,3 +72,16 @@ def test_serve_alignment_conflict_exits_2_with_the_reason():
     proc = subprocess.run([sys.executable, "-m", "sglang_microturn.cli.main", "serve", "--alignment-mode",
                            "--attention-backend", "fa3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs --attention-backend microturn_aligned" in proc.stderr
+
+
+def test_sglang_parses_every_default_as_meant():
+    """The defaults go through SGLang's own parser: a several-word value (--gc-threshold) is several ints."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(launch_argv([], "/m")[3:])
+    assert ns.gc_threshold == [10000, 20, 50]
+    assert ns.enable_streaming_session and ns.attention_backend == "triton" and ns.schedule_policy == "fcfs"
