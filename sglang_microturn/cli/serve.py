@@ -22,7 +22,7 @@ SERVE_DEFAULTS: tuple[tuple[str, str | None, str], ...] = (
     ("--sampling-backend", "pytorch", "seeded, batch-invariant sampling"),
     ("--schedule-policy", "fcfs", "lpm rebuilds every waiting session's whole history each iteration"),
     ("--warmups", "microturn", "run the micro-turn batch shapes once (kernels compile) before /health is green"),
-    # The HTTP process allocates ~1000 objects a micro-turn that live until its reply. With CPython's default
+    # The HTTP process allocates objects for each micro-turn that live until its reply. With CPython's default
     # thresholds (700, 10, 10) young collections run ~100 times a second and promote every turn in flight, so
     # from 224 live sessions a full collection stalled all of them for 25-70 ms about once a second (H200,
     # benchmarks/results/realtime_capacity_small_h200.json). Rarer young collections promote far fewer
