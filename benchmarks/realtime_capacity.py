@@ -55,6 +55,7 @@ import math
 import multiprocessing
 import os
 import random
+import secrets
 import shlex
 import shutil
 import signal
@@ -73,6 +74,7 @@ from tqdm import tqdm
 from benchmarks.servers import microturn_exe
 from benchmarks.workloads import stalls_between
 from benchmarks.run_record import write_result
+from sglang_microturn import protocol
 from sglang_microturn.patchset import patching
 from sglang_microturn.server import stall_log
 from sglang_microturn.model.checkpoints import ensure_checkpoint, preset
@@ -129,6 +131,7 @@ class ShardJob:
     seconds: float
     drain_s: float
     workload: Workload
+    gateway: bool = False  # ours is SGLang Model Gateway: calls in their gateway form (sglang_microturn/protocol.py)
 
 
 # ------------------------------------------------------------------------------------------ turns and levels
@@ -267,10 +270,11 @@ def capacity(records: list[LevelRecord]) -> int:
 # ------------------------------------------------------------------------------------------ client side
 
 
-async def call(http: aiohttp.ClientSession, method: str, url: str, body: dict | None = None) -> tuple[int, object]:
+async def call(http: aiohttp.ClientSession, method: str, url: str, body: dict | None = None,
+               headers: dict | None = None) -> tuple[int, object]:
     """(HTTP status, JSON body or None); status 0 when no answer came (connection error, timeout)."""
     try:
-        async with http.request(method, url, json=body) as resp:
+        async with http.request(method, url, json=body, headers=headers) as resp:
             raw = await resp.read()
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return 0, None
@@ -285,21 +289,32 @@ def _ok(status: int) -> bool:
 
 
 class OursSession:
-    """A /microturn session. Tracks the committed length, which every append states as expected_length."""
+    """A /microturn session. Tracks the committed length, which every append states as expected_length. Through
+    a gateway, every call goes in its gateway form with the session's routing key."""
 
-    def __init__(self, http: aiohttp.ClientSession, url: str, session_id: str):
+    def __init__(self, http: aiohttp.ClientSession, url: str, session_id: str, routing_key: str, gateway: bool):
         self.http, self.url, self.session_id, self.length = http, url, session_id, 0
+        self.routing_key, self.gateway = routing_key, gateway
+
+    @staticmethod
+    async def _call(http, url: str, gateway: bool, routing_key: str, op: str, body: dict) -> tuple[int, object]:
+        method, path, payload = (protocol.gateway_request if gateway else protocol.direct_request)(op, body)
+        return await call(http, method, url + path, payload, {protocol.ROUTING_KEY_HEADER: routing_key})
+
+    async def _request(self, op: str, body: dict) -> tuple[int, object]:
+        return await self._call(self.http, self.url, self.gateway, self.routing_key, op, body)
 
     @classmethod
-    async def open(cls, http, url: str, workload: Workload) -> tuple[OursSession | None, int]:
-        status, reply = await call(http, "POST", url + "/microturn/open", {
+    async def open(cls, http, url: str, workload: Workload, gateway: bool = False) -> tuple[OursSession | None, int]:
+        key = secrets.token_hex(16)
+        status, reply = await cls._call(http, url, gateway, key, "open", {
             "output_budget": workload.listen_tokens, "ignore_eos": True,
             "deadline_ms": round(workload.period_s * 1e3)})
-        return (cls(http, url, reply["session_id"]) if _ok(status) else None), status
+        return (cls(http, url, reply["session_id"], key, gateway) if _ok(status) else None), status
 
     async def turn(self, input_ids: list[int], budget: int) -> tuple[int, int]:
         """(status, output length)"""
-        status, reply = await call(self.http, "POST", self.url + "/microturn/append", {
+        status, reply = await self._request("append", {
             "session_id": self.session_id, "input_ids": input_ids, "output_budget": budget,
             "expected_length": self.length})
         if not _ok(status):
@@ -309,7 +324,7 @@ class OursSession:
 
     async def deadline_counts(self) -> tuple[int, int] | None:
         """(misses, turns) the server counted against the session's deadline; None if it reports none."""
-        status, reply = await call(self.http, "GET", f"{self.url}/microturn/sessions/{self.session_id}")
+        status, reply = await self._request("status", {"session_id": self.session_id})
         deadline = reply.get("deadline") if _ok(status) and isinstance(reply, dict) else None
         if not isinstance(deadline, dict):
             return None
@@ -319,7 +334,7 @@ class OursSession:
         return misses, turns
 
     async def close(self) -> None:
-        await call(self.http, "POST", self.url + "/microturn/close", {"session_id": self.session_id})
+        await self._request("close", {"session_id": self.session_id})
 
 
 class UpstreamSession:
@@ -389,7 +404,8 @@ async def run_shard(job: ShardJob, conn) -> ShardResult:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         kind = SESSION_TYPES[job.server]
-        opened = await asyncio.gather(*(kind.open(http, job.url, job.workload) for _ in job.sessions))
+        extra = {"gateway": True} if job.gateway else {}
+        opened = await asyncio.gather(*(kind.open(http, job.url, job.workload, **extra) for _ in job.sessions))
         live = [(plan, s) for plan, (s, _) in zip(job.sessions, opened) if s is not None]
         statuses = [status for s, status in opened if s is None]
         conn.send(("ready", len(live)))
@@ -604,8 +620,9 @@ def shard_jobs(server: Server, label: str, sessions: int, seconds: float, args, 
     """The level's sessions with their random phases, dealt round robin over `procs` client processes."""
     rng = random.Random(f"{args.seed}:{label}:phases")
     plans = [SessionPlan(i, rng.random() * workload.period_s) for i in range(sessions)]
+    gateway = server.name == "ours" and args.gateway_ours
     return [ShardJob(server.name, server.url, f"{args.seed}:{label}", plans[p::procs], seconds, args.drain_s,
-                     workload) for p in range(procs)]
+                     workload, gateway) for p in range(procs)]
 
 
 def run_level(pool: ClientPool, server: Server, label: str, sessions: int, seconds: float, warmup_s: float,
@@ -725,6 +742,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url-ours", help="use this running server as ours instead of starting one")
     p.add_argument("--url-upstream", help="use this running server as upstream instead of starting one")
     p.add_argument("--server-log-ours", help="with --url-ours: that server's log, to read its stall lines")
+    p.add_argument("--gateway-ours", action="store_true",
+                   help="--url-ours is SGLang Model Gateway in front of workers (`sglang-microturn cluster`): calls "
+                        "go in their gateway form, each session with its own routing key")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--log-dir", default="/tmp")
     p.add_argument("--seed", type=int, default=0)
@@ -734,6 +754,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("want --period-ms > 0, --seconds > 0, --chunk >= 1 and --speak-share in [0, 1]")
     if args.client_procs < 1:
         p.error(f"--client-procs must be >= 1, got {args.client_procs}")
+    if args.gateway_ours and not args.url_ours:
+        p.error("--gateway-ours needs --url-ours (the gateway's URL)")
     if args.server_log_ours and not os.path.isfile(args.server_log_ours):
         p.error(f"--server-log-ours {args.server_log_ours}: no such file")
     args.out = args.out or f"benchmarks/results/realtime_capacity_{args.preset}_h200.json"

@@ -10,6 +10,8 @@ nothing on the server; a 429 from admission or the session cap also carries `Ret
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 BAD_REQUEST = "bad_request"
 UNAUTHORIZED = "unauthorized"
 SESSION_NOT_FOUND = "session_not_found"
@@ -50,3 +52,39 @@ def status_of(name: str) -> int:
 def name_of(status: int) -> str:
     """The error name a client reads from an HTTP error status (SERVER_ERROR for any status not listed)."""
     return next((name for name, (code, _) in ERRORS.items() if code == status), SERVER_ERROR)
+
+
+# The calls of the API: name -> (method, path). The status call's body is {"session_id", "tokens"}: they go in
+# its path and query.
+ROUTES: dict[str, tuple[str, str]] = {
+    "open": ("POST", "/microturn/open"),
+    "append": ("POST", "/microturn/append"),
+    "close": ("POST", "/microturn/close"),
+    "status": ("GET", "/microturn/sessions/{session_id}"),
+}
+
+# Through SGLang Model Gateway (smg, docs/scale-out.md). The gateway forwards SGLang's own routes only: for
+# /microturn/* it answers 404 itself, with GATEWAY_ERROR_HEADER `unknown_url`. So every call also has a gateway
+# form, POST GATEWAY_PATH with the body {GATEWAY_FIELD: {"op": <call>, ...the call's body...}}, which the
+# plugin serves before SGLang's /generate sees it, exactly as the direct route. Top-level fields beside
+# GATEWAY_FIELD are ignored (a gateway may add its own). ROUTING_KEY_HEADER, the same on every call of a
+# session, keeps the session on the worker its open reached.
+GATEWAY_PATH = "/generate"
+GATEWAY_FIELD = "microturn"
+ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
+GATEWAY_ERROR_HEADER = "X-SMG-Error-Code"
+GATEWAY_UNKNOWN_ROUTE = "unknown_url"
+
+
+def direct_request(call: str, body: dict) -> tuple[str, str, dict | None]:
+    """(method, path with query, JSON body or None) of `call` on its own route."""
+    method, path = ROUTES[call]
+    if call != "status":
+        return method, path, body
+    path = path.format(session_id=quote(str(body["session_id"]), safe=""))
+    return method, path + ("?tokens=1" if body.get("tokens") else ""), None
+
+
+def gateway_request(call: str, body: dict) -> tuple[str, str, dict]:
+    """(method, path, JSON body) of `call` in its gateway form."""
+    return "POST", GATEWAY_PATH, {GATEWAY_FIELD: {"op": call, **body}}

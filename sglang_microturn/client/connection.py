@@ -21,7 +21,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from sglang_microturn.client.errors import ConnectionLostError, ProtocolError, RequestTimeoutError, error_from_response
+from sglang_microturn import protocol
+from sglang_microturn.client.errors import (
+    ConnectionLostError,
+    GatewayRouteError,
+    ProtocolError,
+    RequestTimeoutError,
+    error_from_response,
+)
 
 
 class HTTPConnection:
@@ -47,20 +54,23 @@ class HTTPConnection:
                 connector=aiohttp.TCPConnector(limit=0), trust_env=False)
         return self._http
 
-    async def request(self, method: str, path: str, body: dict | None = None) -> Any:
-        """Send one request. Returns the decoded JSON reply, the text of a reply that is not JSON by its
-        content type (SGLang's /freeze_gc answers text/plain), or None for an empty body. Raises the typed
-        error of an error status, ConnectionLostError, RequestTimeoutError, or ProtocolError for a JSON reply
-        that does not parse."""
+    async def request(self, method: str, path: str, body: dict | None = None,
+                      headers: dict[str, str] | None = None) -> Any:
+        """Send one request (with `headers` besides the connection's own). Returns the decoded JSON reply, the
+        text of a reply that is not JSON by its content type (SGLang's /freeze_gc answers text/plain), or None
+        for an empty body. Raises the typed error of an error status, GatewayRouteError for a gateway's 404 of
+        a route it does not forward, ConnectionLostError, RequestTimeoutError, or ProtocolError for a JSON
+        reply that does not parse."""
         what = f"{method} {self.base_url}{path}"
         try:
-            async with self._session().request(method, self.base_url + path, json=body) as response:
+            async with self._session().request(method, self.base_url + path, json=body,
+                                               headers=headers) as response:
                 try:
                     raw = await response.read()
                 except BaseException:
                     response.close()  # a response not read to the end: its connection is never reused
                     raise
-                status, headers = response.status, response.headers
+                status, reply_headers = response.status, response.headers
         except asyncio.TimeoutError as e:
             raise RequestTimeoutError(f"{what}: no response within {self.timeout_s} s (timeout_s); the connection "
                                       "was closed") from e
@@ -68,11 +78,13 @@ class HTTPConnection:
             raise ConnectionLostError(f"{what}: the connection failed before a whole response came "
                                       f"({type(e).__name__}: {e})") from e
         text = raw.decode("utf-8", errors="replace")
+        if status == 404 and reply_headers.get(protocol.GATEWAY_ERROR_HEADER) == protocol.GATEWAY_UNKNOWN_ROUTE:
+            raise GatewayRouteError(f"{what}: the gateway forwards no such route", status, text)
         if status >= 400:
-            raise error_from_response(status, text, headers.get("Retry-After"))
+            raise error_from_response(status, text, reply_headers.get("Retry-After"))
         if not text.strip():
             return None
-        if "json" not in headers.get("Content-Type", "").lower():
+        if "json" not in reply_headers.get("Content-Type", "").lower():
             return text
         try:
             return json.loads(text)

@@ -12,6 +12,7 @@ with that name's HTTP status), and the errors of a request that got no usable re
       RequestTimeoutError                 no response within the client's timeout_s
       ProtocolError                       a response that is not what the protocol says (not JSON, an append
                                           reply that does not follow from the append)
+        GatewayRouteError                 SGLang Model Gateway's own 404 for a route it does not forward
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class ProtocolError(MicroTurnClientError):
     def __init__(self, message: str, status: int | None = None, body: str = ""):
         super().__init__(message)
         self.status, self.body = status, body
+
+
+class GatewayRouteError(ProtocolError):
+    """SGLang Model Gateway answered a /microturn route itself: it forwards SGLang's own routes only. Nothing
+    reached a worker; the same call in its gateway form (sglang_microturn/protocol.py) does."""
 
 
 HTTP_ERRORS = {c.name: c for c in (BadRequestError, UnauthorizedError, SessionNotFoundError, SessionBusyError,

@@ -23,21 +23,30 @@ Staying in sync with the server's sequence:
   * A 412 on a first attempt means someone else changed the session: the session re-reads its length, adopts
     it and raises LengthMismatchError with both lengths.
 
+Through SGLang Model Gateway (docs/scale-out.md) nothing changes but the URL: every session sends a routing key
+of its own (protocol.ROUTING_KEY_HEADER, random, fixed at open) on each call, which keeps it on the worker its
+open reached, and once the gateway answers that it forwards no /microturn route (GatewayRouteError) the client
+sends every call in its gateway form.
+
 Runs without SGLang or torch; its one dependency is aiohttp (why: client/connection.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
+from sglang_microturn import protocol
 from sglang_microturn.client.connection import HTTPConnection
 from sglang_microturn.client.errors import (
     ConnectionLostError,
+    GatewayRouteError,
     LengthMismatchError,
     MicroTurnClientError,
+    OverBudgetError,
     MicroTurnHTTPError,
     ProtocolError,
     RequestTimeoutError,
@@ -47,6 +56,9 @@ from sglang_microturn.client.errors import (
 # An append whose connection dropped is sent at most this many times in all (each with the same
 # expected_length, so at most one of them applies).
 APPEND_ATTEMPTS = 3
+# Behind a gateway, an open refused with 429 (that worker is full) is sent this many times in all, each under a
+# fresh routing key.
+GATEWAY_OPEN_ATTEMPTS = 4
 # How often a session polls the server while it waits for a lost append to commit or roll back.
 SETTLE_POLL_S = 0.01
 
@@ -92,6 +104,7 @@ class MicroTurnSession:
 
     client: MicroTurnClient
     session_id: str
+    routing_key: str | None = None  # sent on every call (protocol.ROUTING_KEY_HEADER): keeps it on one worker
     period_s: float = 0.2
     turns: list[TurnRecord] = field(default_factory=list)
     committed_length: int | None = None
@@ -100,9 +113,8 @@ class MicroTurnSession:
         self._lock = asyncio.Lock()
         self._lost: _LostTurn | None = None  # set while unsynced: the turn whose outcome is not known
 
-    @property
-    def _conn(self) -> HTTPConnection:
-        return self.client.connection
+    async def _call(self, call: str, body: dict):
+        return await self.client.call(call, body, self.routing_key)
 
     async def append(self, input_ids: list[int], output_budget: int | None = None, *,
                      return_logprob: bool = False, expected_length: int | None = None,
@@ -147,7 +159,7 @@ class MicroTurnSession:
         for attempt in range(APPEND_ATTEMPTS):
             last = attempt == APPEND_ATTEMPTS - 1
             try:
-                return await self._conn.request("POST", "/microturn/append", body)
+                return await self._call("append", body)
             except ConnectionLostError:
                 self._lost = turn
                 if last:
@@ -208,11 +220,11 @@ class MicroTurnSession:
             await asyncio.sleep(SETTLE_POLL_S)
 
     async def _get_state(self, tokens: bool) -> dict:
-        path = f"/microturn/sessions/{self.session_id}" + ("?tokens=1" if tokens else "")
+        body = {"session_id": self.session_id, "tokens": tokens}
         try:
-            return await self._conn.request("GET", path)
-        except ConnectionLostError:  # a GET changes nothing: once more on a fresh connection
-            return await self._conn.request("GET", path)
+            return await self._call("status", body)
+        except ConnectionLostError:  # reading changes nothing: once more on a fresh connection
+            return await self._call("status", body)
 
     async def _resync(self) -> None:
         """Re-read the session after an append that ended without an answer (or for a session of unknown
@@ -256,9 +268,9 @@ class MicroTurnSession:
         body = {"session_id": self.session_id}
         async with self._lock:
             try:
-                return await self._conn.request("POST", "/microturn/close", body)
+                return await self._call("close", body)
             except ConnectionLostError:
-                return await self._conn.request("POST", "/microturn/close", body)
+                return await self._call("close", body)
 
 
 class MicroTurnClient:
@@ -269,22 +281,44 @@ class MicroTurnClient:
     def __init__(self, base_url: str = "http://127.0.0.1:30000", api_key: str | None = None, timeout_s: float = 60.0):
         self.base_url, self.api_key, self.timeout_s = base_url, api_key, timeout_s
         self.connection = HTTPConnection(base_url, api_key, timeout_s)
+        self.via_gateway = False  # set once the URL turns out to be SGLang Model Gateway
+
+    async def call(self, call: str, body: dict, routing_key: str | None = None):
+        """One API call (`call` of protocol.ROUTES) on its own route, or in its gateway form once the URL is
+        known to be a gateway. A gateway's refusal of the route forwarded nothing, so the call is resent in
+        the gateway form at once."""
+        headers = {protocol.ROUTING_KEY_HEADER: routing_key} if routing_key else None
+        if not self.via_gateway:
+            try:
+                return await self.connection.request(*protocol.direct_request(call, body), headers)
+            except GatewayRouteError:
+                self.via_gateway = True
+        return await self.connection.request(*protocol.gateway_request(call, body), headers)
 
     async def open(self, output_budget: int = 8, stop_ids: Iterable[int] = (), idle_timeout: float | None = None,
                    temperature: float = 0.0, period_s: float = 0.2, ignore_eos: bool = False,
                    seed: int | None = None) -> MicroTurnSession:
-        """Open a session (never retried: an open whose reply was lost may have opened one, which the server's
-        idle timeout reclaims)."""
+        """Open a session. Never resent after a lost reply (that open may have opened one, which the server's idle
+        timeout reclaims); behind a gateway, resent under a fresh routing key when a full worker refused it."""
         body = {"output_budget": output_budget, "stop_ids": list(stop_ids), "temperature": temperature,
                 "ignore_eos": ignore_eos}
         if idle_timeout is not None:
             body["idle_timeout"] = idle_timeout
         if seed is not None:
             body["seed"] = seed
-        reply = await self.connection.request("POST", "/microturn/open", body)
+        for attempt in range(GATEWAY_OPEN_ATTEMPTS):
+            routing_key = secrets.token_hex(16)  # chosen here: the gateway pins it to the worker this open reaches
+            try:
+                reply = await self.call("open", body, routing_key)
+                break
+            except OverBudgetError:
+                # Refused, nothing opened. Behind a gateway another worker may have room: a fresh key is
+                # assigned anew. A single server would refuse again.
+                if not self.via_gateway or attempt == GATEWAY_OPEN_ATTEMPTS - 1:
+                    raise
         if not isinstance(reply, dict) or not isinstance(reply.get("session_id"), str):
             raise ProtocolError(f"POST /microturn/open: a reply without a session_id: {reply!r:.200}")
-        return MicroTurnSession(self, reply["session_id"], period_s, committed_length=0)
+        return MicroTurnSession(self, reply["session_id"], routing_key, period_s, committed_length=0)
 
     async def close(self) -> None:
         """Close the connection pool (sessions stay open on the server: close them first)."""

@@ -22,7 +22,7 @@ OPEN_FIELDS = frozenset({"output_budget", "stop_ids", "idle_timeout", "temperatu
                          "deadline_ms"})
 APPEND_FIELDS = frozenset({"session_id", "input_ids", "output_budget", "return_logprob", "expected_length"})
 CLOSE_FIELDS = frozenset({"session_id"})
-MAX_SESSION_ID_CHARS = 128  # ours are 32 hex digits; SGLang's own are uuid4 hex
+MAX_SESSION_ID_CHARS = 128  # ours are 40 hex digits (session_registry.SESSION_ID_CHARS); SGLang's own are uuid4 hex
 MAX_OUTPUT_BUDGET = 1 << 20  # tokens of one micro-turn's output: far past any context length
 MAX_TEMPERATURE = 100
 

@@ -1,5 +1,6 @@
 """The /microturn routes in SGLang's HTTP server process: an ASGI front ahead of SGLang's FastAPI app, the
-four routes it serves, the JSON error shape, and the plugin hook that mounts them.
+four routes it serves (also in their gateway form on POST /generate, sglang_microturn/protocol.py), the JSON
+error shape, and the plugin hook that mounts them.
 
 Every error a /microturn route answers, whatever raised it (a domain error, SGLang's HTTPExceptions, a
 body over MICROTURN_MAX_BODY_BYTES, a bug), is JSON `{"error": {"code", "message"}}` with the status
@@ -10,6 +11,7 @@ SGLang's own; SGLang applies `--api-key` in single-tokenizer mode only, so the p
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 from collections.abc import Callable
@@ -41,20 +43,99 @@ class MicroTurnFront:
     uncaught exception is still a 500) and inside every middleware SGLang adds at launch, its API-key check
     included (`launch_server` adds that after our BEFORE hook has run)."""
 
-    def __init__(self, app, router: Router):
-        self.app = app
+    def __init__(self, app, router: Router, body_limit: int):
+        self.app, self.body_limit = app, body_limit
         # The CORS policy SGLang's app gives its own routes (sglang.srt.entrypoints.http_server), so a browser
         # page on another origin reaches /microturn as it reaches /generate.
         self.router = CORSMiddleware(router, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
                                      allow_headers=["*"])
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not _route_path(scope).startswith(PREFIX + "/"):
-            return await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            path = _route_path(scope)
+            if path.startswith(PREFIX + "/"):
+                return await self._serve(scope, receive, send)
+            if path == protocol.GATEWAY_PATH and scope["method"] == "POST":
+                return await self._generate(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    async def _serve(self, scope, receive, send):
         try:
             await self.router(scope, receive, send)
         except HTTPException as e:  # Starlette's method-not-allowed; FastAPI's handlers sit past us
             await _error(e.status_code, f"{scope['method']} {shown(scope['path'])}: {e.detail}")(scope, receive, send)
+
+    async def _generate(self, scope, receive, send):
+        """POST /generate: a call in its gateway form (protocol.GATEWAY_FIELD) is served as its own route would
+        serve it; any other body goes on to SGLang's /generate, replayed as received. Only a body that mentions
+        the field is parsed here, so plain /generate requests are not parsed twice."""
+        messages, body = await _buffer_body(receive, self.body_limit)
+        call = gateway_call(body) if body is not None else None
+        if call is None:
+            return await self.app(scope, _replaying(messages, receive), send)
+        if isinstance(call, str):
+            return await _error(protocol.status_of(protocol.BAD_REQUEST), call)(scope, receive, send)
+        method, target, inner = call
+        path, _, query = target.partition("?")
+        payload = b"" if inner is None else json.dumps(inner).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(payload)).encode()))
+        path = scope.get("root_path", "") + path
+        inner_scope = dict(scope, method=method, path=path, raw_path=path.encode(), query_string=query.encode(),
+                           headers=headers)
+        replay = [{"type": "http.request", "body": payload, "more_body": False}]
+        await self._serve(inner_scope, _replaying(replay, receive), send)
+
+
+def gateway_call(body: bytes) -> tuple[str, str, dict | None] | str | None:
+    """The direct form (method, path, body) of the call `body` carries in its gateway form; None when `body` is
+    not one (a plain /generate request); a message when it is one but malformed."""
+    if f'"{protocol.GATEWAY_FIELD}"'.encode() not in body:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or protocol.GATEWAY_FIELD not in data:
+        return None
+    call = data[protocol.GATEWAY_FIELD]
+    if not isinstance(call, dict) or call.get("op") not in protocol.ROUTES:
+        return (f'"{protocol.GATEWAY_FIELD}" must be an object whose "op" is one of '
+                f"{', '.join(protocol.ROUTES)}, got {shown(repr(call), 200)}")
+    fields = {k: v for k, v in call.items() if k != "op"}
+    if call["op"] == "status":
+        unknown = sorted(set(fields) - {"session_id", "tokens"})
+        if unknown:
+            return f"unknown field(s) for status: {', '.join(shown(k, 100) for k in unknown)}"
+        if not isinstance(fields.get("session_id"), str):
+            return "status needs a session_id (a string)"
+    return protocol.direct_request(call["op"], fields)
+
+
+async def _buffer_body(receive, limit: int) -> tuple[list[dict], bytes | None]:
+    """The request's messages read so far and its whole body; the body is None (and reading stops) once it
+    passes `limit` bytes or the client disconnects: such a request goes on to SGLang as it came."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, None
+        size += len(message.get("body", b""))
+        if size > limit:
+            return messages, None
+        if not message.get("more_body", False):
+            return messages, b"".join(m.get("body", b"") for m in messages)
+
+
+def _replaying(messages: list[dict], receive):
+    """An ASGI receive that first hands out `messages`, then reads on from `receive`."""
+    pending = list(messages)
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return replay
 
 
 def _route_path(scope) -> str:
@@ -147,7 +228,7 @@ def build_router(api: MicroTurnAPI) -> Router:
 
 def mount(app, api: MicroTurnAPI) -> None:
     """Serve `api` in front of `app` (a Starlette/FastAPI app that has not started yet)."""
-    app.add_middleware(MicroTurnFront, router=build_router(api))
+    app.add_middleware(MicroTurnFront, router=build_router(api), body_limit=config.value(config.MAX_BODY_BYTES))
 
 
 def _sglang_backend() -> Backend:

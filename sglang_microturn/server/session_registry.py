@@ -44,6 +44,15 @@ class BadRequest(MicroTurnError):
     name = protocol.BAD_REQUEST
 
 
+INSTANCE_TAG_BYTES = 4
+SESSION_ID_CHARS = 2 * (INSTANCE_TAG_BYTES + 16)  # hex: the instance tag, then 128 random bits
+
+
+def is_minted_id(session_id: str) -> bool:
+    """Whether `session_id` has the shape of an id some registry minted (tag + random, lowercase hex)."""
+    return len(session_id) == SESSION_ID_CHARS and all(c in "0123456789abcdef" for c in session_id)
+
+
 class SessionNotFound(MicroTurnError):
     name = protocol.SESSION_NOT_FOUND
 
@@ -190,6 +199,10 @@ class SessionRegistry:
         self._used = 0  # sum over open sessions of footprint(); kept incrementally
         self.open_sessions = 0
         self.sweep_interval_s = 0.0  # the sweep is O(expired): it may run on every call
+        # Every id this registry mints starts with this tag, so an id minted elsewhere is told apart from one
+        # never minted: a session of another worker behind the gateway (routed here once its own worker
+        # died) or of this server before a restart is gone (410: open a new one), not unknown (404).
+        self.instance = secrets.token_hex(INSTANCE_TAG_BYTES)
 
     # -- budget --
 
@@ -224,7 +237,7 @@ class SessionRegistry:
                                "sessions or retry later", retry_after_s=2)
         headroom = self._turn_reserve(self.max_chunk_tokens, options.output_budget)
         self._admit(headroom, "opening a session")
-        session = SessionRecord(secrets.token_hex(16), options)  # 128 random bits: unguessable
+        session = SessionRecord(self.instance + secrets.token_hex(16), options)  # 128 random bits: unguessable
         self.sessions[session.session_id] = session
         self.open_sessions += 1
         deadline = session.idle_deadline()
@@ -242,6 +255,10 @@ class SessionRegistry:
             state = self.tombstones.get(session_id)
             if state is not None:
                 raise SessionGone(f"session {session_id} is {state.value}")
+            if is_minted_id(session_id) and not session_id.startswith(self.instance):
+                raise SessionGone(f"session {session_id} was opened on another server instance (a worker behind "
+                                  "the gateway that stopped, or this server before a restart) and is gone; open "
+                                  "a new session")
             raise SessionNotFound(f"unknown session {shown(repr(session_id))}")
         return session
 

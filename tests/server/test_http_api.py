@@ -51,7 +51,18 @@ def state(client, sid):
 
 def test_open_gives_unguessable_distinct_ids(client):
     ids = {open_session(client) for _ in range(3)}
-    assert len(ids) == 3 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len(ids) == 3 and all(len(i) == 40 and int(i, 16) >= 0 for i in ids)
+    assert len({i[:8] for i in ids}) == 1 and len({i[8:] for i in ids}) == 3  # one instance tag, then random
+
+
+def test_an_id_of_another_instance_is_gone_and_a_never_minted_one_unknown(client):
+    sid = open_session(client)
+    foreign = ("0" if sid[0] != "0" else "1") + sid[1:]  # minted shape, another instance's tag
+    r = append(client, foreign, [5])
+    assert r.status_code == 410 and "another server instance" in r.json()["error"]["message"]
+    assert client.get(f"/microturn/sessions/{foreign}").status_code == 410
+    assert append(client, "f" * 32, [5]).status_code == 404  # not the minted shape (e.g. SGLang's uuid4 hex)
+    assert append(client, sid, [5]).status_code == 200
 
 
 def test_appends_build_the_committed_sequence(client, tm):
