@@ -1,4 +1,4 @@
-"""The `sglang-microturn` command: patch, serve, demo, make-model, align."""
+"""The `sglang-microturn` command: patch, serve, cluster, demo, make-model, align."""
 
 from __future__ import annotations
 
@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         add_help=False,
     )
     s.add_argument("sglang_args", nargs=argparse.REMAINDER)
+    c = sub.add_parser(
+        "cluster",
+        help="--workers N `serve` workers behind SGLang Model Gateway, one URL for clients; other args go to"
+        " every worker",
+        add_help=False,
+    )
+    c.add_argument("cluster_args", nargs=argparse.REMAINDER)
     d = sub.add_parser(
         "demo",
         help="start the server with the default model, run examples/duplex_chat.py against it, stop it",
@@ -112,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv[:1] in (["serve"], ["demo"]):  # everything after it belongs to SGLang, including --help
         args = argparse.Namespace(command=argv[0], sglang_args=argv[1:])
+    elif argv[:1] == ["cluster"]:  # its own flags mixed with the workers' SGLang flags: cluster.py parses them
+        args = argparse.Namespace(command="cluster", cluster_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     try:
@@ -121,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             return _make_model(args.out, args.preset)
         if args.command == "align":
             return _align(args)
+        if args.command == "cluster":
+            from sglang_microturn.cli.cluster import cluster_main
+
+            return cluster_main(args.cluster_args)
         from sglang_microturn.cli.demo import demo
         from sglang_microturn.cli.serve import AlignmentModeError, NoCudaError, serve
 

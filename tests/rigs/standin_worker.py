@@ -62,6 +62,10 @@ def main() -> None:
     p.add_argument("--log-memory-pool", action="store_true")
     args = p.parse_args()
     app = build_app(args.port, args.rows)
+    # The API imports these on its first call; importing SGLang (and torch) then would block the event loop for
+    # seconds, long enough for the gateway's health probes to time out and drop the worker.
+    import sglang.srt.managers.io_struct  # noqa: F401
+    import sglang.srt.managers.schedule_batch  # noqa: F401
     if args.log_memory_pool:
         print("Memory pool end. (stand-in)", flush=True)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
