@@ -415,4 +415,4 @@ def cluster_main(argv: Sequence[str]) -> int:
     workers = worker_commands(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="sglang-microturn-cluster-"))
     gateway = gateway_argv(args.host, args.port, free_port(), [w.url for w in workers])
-    return run(Cluster(workers, gateway, args.host, args.port, log_dir, args.startup_timeout))
+    return run(Cluster(workers, gateway, args.host, args.port, log_dir, args.startup_timeout_s))
