@@ -113,6 +113,23 @@ def test_without_cuda_it_exits_2_before_starting_anything(capsys):
         "sglang-microturn: no CUDA GPU found: serving needs a CUDA GPU (SGLang cannot serve on CPU)"]
 
 
+def test_cluster_main_runs_the_commands_it_built(tmp_path, monkeypatch):
+    import sglang_microturn.cli.cluster as cluster_cli
+    import sglang_microturn.cli.serve as serve_cli
+
+    ran = []
+    monkeypatch.setattr(serve_cli, "require_cuda", lambda: None)
+    monkeypatch.setattr(cluster_cli, "run", lambda cluster: ran.append(cluster) or 0)
+    assert main(["cluster", "--workers", "2", "--port", "31000", "--log-dir", str(tmp_path), "--startup-timeout",
+                 "60", "--model-path", "/m"]) == 0
+    (cluster,) = ran
+    assert cluster.startup_timeout_s == 60 and cluster.log_dir == tmp_path
+    assert cluster.url == "http://127.0.0.1:31000" and cluster.gateway.argv[:4] == [sys.executable, "-m", "smg",
+                                                                                     "launch"]
+    assert [w.argv for w in cluster.workers] == [c.argv for c in worker_commands(parse_cluster_args(
+        ["--workers", "2", "--port", "31000", "--model-path", "/m"]))]
+
+
 def _python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
@@ -165,7 +182,9 @@ def test_next_worker_starts_after_the_memory_pool_line_and_a_slow_start_times_ou
 
 
 def test_a_worker_dying_during_startup_fails_the_start_and_stops_the_others(tmp_path):
-    workers = _standins(1) + [WorkerCommand(_python("import sys; print('bad flag'); sys.exit(3)"), free_port(), {})]
+    alive = _python(f"import time; print('{MEMORY_POOL_MARKER}', flush=True); time.sleep(60)")
+    workers = [WorkerCommand(alive, free_port(), {}),
+               WorkerCommand(_python("import sys; print('bad flag'); sys.exit(3)"), free_port(), {})]
     cluster = _cluster(workers, tmp_path, stop_grace_s=5)
     with pytest.raises(ClusterStartError, match=r"worker 1 \(port \d+\) exited with 3 during startup; log: .*worker-1"):
         with cluster:
@@ -185,7 +204,7 @@ def test_two_workers_behind_the_real_gateway_and_one_dies(tmp_path, capsys):
         assert {_worker_port(cluster.url, key="session-a") for _ in range(3)} == {port}
         dead = next(i for i, w in enumerate(workers) if w.port == port)
         os.killpg(cluster.workers[dead].proc.pid, signal.SIGKILL)
-        wait_until(lambda: workers[dead].url not in healthy_worker_urls(_listing(cluster.url)), 5,
+        wait_until(lambda: workers[dead].url not in healthy_worker_urls(_listing(cluster.url)), 10,
                    "the gateway marks the killed worker unhealthy")
         assert cluster.check() is None  # still serving, with the other worker
         assert (f"[cluster] worker {dead} (port {port}) exited with -9; its sessions answer 410, new sessions go"
@@ -201,7 +220,8 @@ import sys
 from pathlib import Path
 from sglang_microturn.cli.cluster import Cluster, WorkerCommand, gateway_argv, run
 standin, log_dir, port, prometheus_port, *worker_ports = sys.argv[1:]
-workers = [WorkerCommand([sys.executable, standin, "--port", p], int(p), {}) for p in worker_ports]
+workers = [WorkerCommand([sys.executable, standin, "--port", p, "--log-memory-pool"], int(p), {})
+           for p in worker_ports]
 gateway = gateway_argv("127.0.0.1", int(port), int(prometheus_port), [w.url for w in workers])
 sys.exit(run(Cluster(workers, gateway, "127.0.0.1", int(port), Path(log_dir), stop_grace_s=15)))
 """
