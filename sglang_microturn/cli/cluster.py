@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sglang_microturn.cli.serve import has_flag
+from sglang_microturn.cli.serve import has_flag, table_argv
 from sglang_microturn.cli.server_process import _die_with_parent, _group_alive, free_port
 
 # SGLang sizes its KV pool from the GPU memory free when it profiles; two workers profiling at once on one GPU
@@ -151,9 +151,7 @@ def gateway_argv(host: str, port: int, prometheus_port: int, worker_urls: Sequen
     default 29000 would collide between two clusters on one machine) on the gateway's address."""
     argv = [sys.executable, "-m", "smg", "launch", "--host", host, "--port", str(port),
             "--prometheus-host", host, "--prometheus-port", str(prometheus_port), "--worker-urls", *worker_urls]
-    for flag, value, _why in GATEWAY_FLAGS:
-        argv += [flag] if value is None else [flag, value]
-    return argv
+    return argv + table_argv(GATEWAY_FLAGS)
 
 
 def healthy_worker_urls(listing: dict) -> set[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 # (flag, value or None for a switch, why). A default is added only when the user did not pass the flag; a value
 # of several words is several arguments.
@@ -86,8 +87,18 @@ class NoCudaError(RuntimeError):
     """Serving needs a CUDA GPU."""
 
 
-def has_flag(args: list[str], flag: str) -> bool:
+def has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def table_argv(table: Sequence[tuple[str, str | None, str]], given: Sequence[str] = ()) -> list[str]:
+    """The arguments of a (flag, value or None for a switch, why) table, leaving out each flag `given` already
+    holds; a value of several words is several arguments."""
+    argv: list[str] = []
+    for flag, value, _why in table:
+        if not has_flag(given, flag):
+            argv += [flag] if value is None else [flag, *value.split()]
+    return argv
 
 
 def launch_argv(user_args: list[str], default_model_path: str | None) -> list[str]:
@@ -97,10 +108,7 @@ def launch_argv(user_args: list[str], default_model_path: str | None) -> list[st
         if default_model_path is None:
             raise ValueError("no --model-path given and no default model path")
         argv += ["--model-path", default_model_path]
-    for flag, value, _why in SERVE_DEFAULTS:
-        if not has_flag(user_args, flag):
-            argv += [flag] if value is None else [flag, *value.split()]
-    return argv + user_args
+    return argv + table_argv(SERVE_DEFAULTS, user_args) + user_args
 
 
 def require_cuda() -> None:

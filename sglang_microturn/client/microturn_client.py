@@ -57,8 +57,11 @@ from sglang_microturn.client.errors import (
 # expected_length, so at most one of them applies).
 APPEND_ATTEMPTS = 3
 # Behind a gateway, an open refused with 429 (that worker is full) is sent this many times in all, each under a
-# fresh routing key.
-GATEWAY_OPEN_ATTEMPTS = 4
+# fresh routing key. The gateway assigns a new key to the least loaded worker and breaks ties at random, so
+# between opens (no request in flight) a key lands on a full worker with odds (full workers / workers): with
+# one of two full, 16 attempts all fail once in 65536 opens (4 failed about one open in 16 on the CI machine).
+# A refusal costs one short request.
+GATEWAY_OPEN_ATTEMPTS = 16
 # How often a session polls the server while it waits for a lost append to commit or roll back.
 SETTLE_POLL_S = 0.01
 
