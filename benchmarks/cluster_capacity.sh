@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Real-time capacity of `sglang-microturn cluster` (N workers behind SGLang Model Gateway, here sharing one
-# GPU): starts the cluster on the benchmark's checkpoint, waits for its ready line, runs
-# benchmarks/realtime_capacity.py against the gateway (--gateway-ours), stops the cluster. On the GPU machine
-# after benchmarks/on_device.sh's install steps, with smg installed (pip install smg):
-#   bash benchmarks/cluster_capacity.sh N "LEVELS" OUT.json LOGDIR
+# GPU) against one of its workers served directly, in one run: starts the cluster on the benchmark's
+# checkpoint, waits for its ready line, runs benchmarks/realtime_capacity.py first against worker 0 alone (its
+# own port, the other workers idle) at ONE_LEVELS, then against the gateway (--gateway-ours) at LEVELS, stops
+# the cluster, and merges both into OUT.json (labels "1 worker" and "N workers + gateway") with its plot. The
+# 1-session levels of the two runs give what the gateway adds to a micro-turn. On the GPU machine after
+# benchmarks/on_device.sh's install steps, with smg installed (pip install smg):
+#   bash benchmarks/cluster_capacity.sh N "ONE_LEVELS" "LEVELS" OUT.json LOGDIR
 set -uo pipefail
-workers=$1 levels=$2 out=$3 logdir=$4
+workers=$1 one_levels=$2 levels=$3 out=$4 logdir=$5
 port=31000
 model=$(python3 -c "from benchmarks.realtime_capacity import model_spec
 from sglang_microturn.model.checkpoints import ensure_checkpoint; print(ensure_checkpoint(model_spec('small')))")
@@ -18,8 +21,14 @@ until grep -q "workers behind the gateway" "$logdir/cluster.out"; do
   sleep 3
 done
 echo "=== cluster of $workers up after $SECONDS s"
-python3 -m benchmarks.realtime_capacity --servers ours --url-ours "http://127.0.0.1:$port" --gateway-ours \
-  --levels "$levels" --seconds 10 --drain-s 3 --fresh-sessions 0 --out "$out" 2>&1 | grep -E "sessions \(|capacity"
-status=${PIPESTATUS[0]}
+measure() {  # URL LEVELS OUT [flags]: one realtime_capacity run against a running server
+  python3 -m benchmarks.realtime_capacity --servers ours --url-ours "$1" --levels "$2" --seconds 10 --drain-s 3 \
+    --fresh-sessions 0 --out "$3" "${@:4}" 2>&1 | grep -E "sessions \(|capacity"
+  return "${PIPESTATUS[0]}"
+}
+measure "http://127.0.0.1:$((port + 1))" "$one_levels" "$logdir/one_worker.json"; one=$?
+measure "http://127.0.0.1:$port" "$levels" "$logdir/gateway.json" --gateway-ours; gateway=$?
 kill -TERM $cluster; wait $cluster
-exit $status
+[ $one -eq 0 ] && [ $gateway -eq 0 ] || exit 1
+python3 -m benchmarks.realtime_capacity --out "$out" \
+  --merge "1 worker=$logdir/one_worker.json" --merge "$workers workers + gateway=$logdir/gateway.json"

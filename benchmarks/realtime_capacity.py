@@ -692,6 +692,32 @@ def plot(result_path: str | os.PathLike) -> Path | None:
     return png
 
 
+def merge(runs: dict[str, dict]) -> dict:
+    """One result of several runs of this benchmark (label -> result), each run's "ours" under its label: how
+    `benchmarks/cluster_capacity.sh` puts one worker and the gateway of N workers, measured in one GPU run, into
+    one file and one plot. Levels and capacities of a run's other servers are kept under "LABEL SERVER"."""
+    def name(label: str, server: str) -> str:
+        return label if server == "ours" else f"{label} {server}"
+
+    merged: dict = {"capacity_sessions": {}, "levels": [], "fresh": {}, "runs": {}}
+    for label, run in runs.items():
+        for server, sessions in run["capacity_sessions"].items():
+            merged["capacity_sessions"][name(label, server)] = sessions
+        merged["levels"] += [{**level, "server": name(label, level["server"])} for level in run["levels"]]
+        merged["fresh"].update({name(label, server): r for server, r in run.get("fresh", {}).items()})
+        merged["runs"][label] = {k: run[k] for k in ("command", "git_commit", "date", "servers") if k in run}
+    first = next(iter(runs.values()))
+    merged.update(capacity_rule=first["capacity_rule"], workload=first["workload"], model=first["model"])
+    return merged
+
+
+def _labelled_path(text: str) -> tuple[str, str]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"--merge takes LABEL=RESULT.json of an existing file, got {text!r}")
+    return label, path
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -716,6 +742,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.realtime_capacity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plot", metavar="RESULT.json", help="only draw the plot of an earlier result")
+    p.add_argument("--merge", metavar="LABEL=RESULT.json", type=_labelled_path, action="append",
+                   help="only merge earlier results into --out (and plot it), each run's ours under its label")
     p.add_argument("--preset", choices=["small", "bench"], default="small")
     p.add_argument("--servers", type=_servers, default=list(SERVERS))
     p.add_argument("--levels", type=_levels, default=_levels("1,16,32,64,96,128,192,256"))
@@ -756,6 +784,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--client-procs must be >= 1, got {args.client_procs}")
     if args.gateway_ours and not args.url_ours:
         p.error("--gateway-ours needs --url-ours (the gateway's URL)")
+    if args.merge and not args.out:
+        p.error("--merge needs --out")
     if args.server_log_ours and not os.path.isfile(args.server_log_ours):
         p.error(f"--server-log-ours {args.server_log_ours}: no such file")
     args.out = args.out or f"benchmarks/results/realtime_capacity_{args.preset}_h200.json"
@@ -766,6 +796,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot:
         return 0 if plot(args.plot) else 1
+    if args.merge:
+        path = write_result(args.out, merge({label: json.loads(Path(path).read_text()) for label, path in args.merge}))
+        print(f"capacity (sessions): {json.loads(path.read_text())['capacity_sessions']}; wrote {path}")
+        plot(path)
+        return 0
     if args.transport == "ws":
         print("realtime_capacity: --transport ws is not available yet (the server has no WebSocket endpoint); "
               "use --transport http", file=sys.stderr)

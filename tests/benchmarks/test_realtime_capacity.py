@@ -372,3 +372,48 @@ def test_plot_from_a_result_file(tmp_path):
     proc = run_script("--plot", str(path))
     assert proc.returncode == 0, proc.stderr
     assert path.with_suffix(".png").stat().st_size > 10_000
+
+
+def _result(levels, capacity, **extra):
+    return {"card": "cpu", "command": "python3 -m benchmarks.realtime_capacity ...", "git_commit": "abc",
+            "capacity_sessions": capacity, "capacity_rule": "rule", "model": {"preset": "small"},
+            "workload": {"preset": "small", "period_ms": 200, "chunk": 98, "speak_tokens": 16, "listen_tokens": 1},
+            "levels": [{"server": s, "sessions": n, "p99_ms": p99, "miss_rate": miss} for s, n, p99, miss in levels],
+            **extra}
+
+
+def test_merge_puts_each_runs_ours_under_its_label_and_plots_them_together(tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(_result([("ours", 1, 20, 0), ("ours", 128, 90, 0)], {"ours": 128},
+                                      fresh={"ours": {"sessions": 16}})))
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps(_result([("ours", 1, 22, 0), ("ours", 256, 120, 0), ("upstream", 1, 30, 0)],
+                                      {"ours": 256, "upstream": 1})))
+    out = tmp_path / "merged.json"
+    proc = run_script("--out", str(out), "--merge", f"1 worker={one}", "--merge", f"2 workers + gateway={two}")
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(out.read_text())
+    assert merged["capacity_sessions"] == {"1 worker": 128, "2 workers + gateway": 256,
+                                           "2 workers + gateway upstream": 1}
+    assert [(lv["server"], lv["sessions"]) for lv in merged["levels"]] == [
+        ("1 worker", 1), ("1 worker", 128), ("2 workers + gateway", 1), ("2 workers + gateway", 256),
+        ("2 workers + gateway upstream", 1)]
+    assert merged["fresh"] == {"1 worker": {"sessions": 16}}
+    assert merged["runs"]["1 worker"]["command"].startswith("python3 -m benchmarks.realtime_capacity")
+    assert {"card", "git_commit", "command", "workload", "capacity_rule"} <= merged.keys()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_merge_of_a_missing_file_or_without_out_is_refused_and_writes_nothing(tmp_path):
+    out = tmp_path / "merged.json"
+    proc = run_script("--out", str(out), "--merge", f"a={tmp_path / 'absent.json'}")
+    assert proc.returncode == 2 and "--merge" in proc.stderr and not out.exists()
+    real = tmp_path / "r.json"
+    real.write_text(json.dumps(_result([("ours", 1, 20, 0)], {"ours": 1})))
+    proc = run_script("--merge", f"a={real}")
+    assert proc.returncode == 2 and "--merge needs --out" in proc.stderr
+    assert list(tmp_path.iterdir()) == [real]
