@@ -116,9 +116,11 @@ def random_shapes(rng: random.Random, turns: int) -> list[TurnShape]:
 
 
 def _post(url: str, body: dict, timeout_s: float = 600.0):
+    """The reply's JSON; None for an empty body (SGLang's /close_session answers 200 with none)."""
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        return json.loads(resp.read())
+        body = resp.read()
+    return json.loads(body) if body else None
 
 
 async def microturn_record(client: MicroTurnClient, shapes: list[TurnShape], model_path: str) -> tuple:

@@ -68,6 +68,7 @@ def plain_server(monkeypatch):
     re-score, /close_session) over one stand-in tokenizer manager; `tm.phantom` makes a listen-only turn report
     one output logprob, as SGLang 0.5.17 does without patch 0007."""
     from fake_sglang_http import FakeTokenizerManager, app_for, serve_on_loopback
+    from starlette.responses import Response
 
     from sglang_microturn.server.api_handlers import Backend, MicroTurnAPI
 
@@ -84,7 +85,7 @@ def plain_server(monkeypatch):
 
     async def close_session(body: dict):
         await tm.close_session(SimpleNamespace(session_id=body["session_id"]))
-        return {}
+        return Response(status_code=200)  # SGLang 0.5.17's /close_session: 200 with an empty body
 
     async def generate(body: dict):
         if "session_params" not in body:  # one-shot re-score: every position's (logprob, token id)
