@@ -668,11 +668,13 @@ def plot(result_path: str | os.PathLike) -> Path | None:
     result = json.loads(Path(result_path).read_text())
     fig, (lat, miss) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in dict.fromkeys(level["server"] for level in result["levels"]):
-        rows = sorted((lv for lv in result["levels"] if lv["server"] == name), key=lambda lv: lv["sessions"])
+        # A level whose every open was refused measured nothing: no point, rather than a 0 % miss rate.
+        rows = sorted((lv for lv in result["levels"] if lv["server"] == name and lv["miss_rate"] is not None),
+                      key=lambda lv: lv["sessions"])
         x = [lv["sessions"] for lv in rows]
         label = f"{name} (capacity {result['capacity_sessions'].get(name)})"
         lat.plot(x, [lv["p99_ms"] for lv in rows], marker="o", label=label)
-        miss.plot(x, [100 * (lv["miss_rate"] or 0) for lv in rows], marker="o", label=label)
+        miss.plot(x, [100 * lv["miss_rate"] for lv in rows], marker="o", label=label)
     lat.axhline(MAX_P99_MS, color="gray", linestyle="--", label=f"{MAX_P99_MS:.0f} ms")
     miss.axhline(100 * MAX_MISS_RATE, color="gray", linestyle="--", label=f"{MAX_MISS_RATE:.1%}")
     lat.set(xlabel="sessions", ylabel="p99 latency (ms)", yscale="log", title="p99 latency")
@@ -708,6 +710,11 @@ def merge(runs: dict[str, dict]) -> dict:
         merged["runs"][label] = {k: run[k] for k in ("command", "git_commit", "date", "servers") if k in run}
     first = next(iter(runs.values()))
     merged.update(capacity_rule=first["capacity_rule"], workload=first["workload"], model=first["model"])
+    # The card and commit measured (a merge may run on another machine than the runs); kept when all agree.
+    for key in ("card", "git_commit"):
+        values = {run.get(key) for run in runs.values()}
+        if len(values) == 1 and None not in values:
+            merged[key] = values.pop()
     return merged
 
 

@@ -52,6 +52,11 @@ GATEWAY_FLAGS: tuple[tuple[str, str | None, str], ...] = (
     # The breaker takes a worker out of routing on a burst of failed requests; here that moves every session
     # on it to a worker that answers 410: only the health check may decide that a worker is gone.
     ("--disable-circuit-breaker", None, "a busy worker's sessions are not lost on a burst of errors"),
+    # smg 1.13 leaves a worker with 8 waiting requests (or 80% KV use) out of routing, pinned keys too: on an
+    # H200 at 384 sessions over two workers, one worker's queue reached 8 and its sessions' appends went to the
+    # other worker, which answered 410 (3735 of them in 4 s). A queue is no reason to lose a session; opens
+    # are kept off a full worker by its own 429 (the client re-sends them under a fresh key).
+    ("--disable-worker-overload-protection", None, "a busy worker keeps its sessions"),
     # A probe every second, three failures: a dead worker (connection refused) is dropped in ~3 s, while a
     # worker whose HTTP process stalls for one probe timeout (5 s) keeps its sessions.
     ("--health-check-interval-secs", "1", "a dead worker is noticed within seconds"),

@@ -366,6 +366,7 @@ def test_plot_from_a_result_file(tmp_path):
               "workload": {"preset": "small", "period_ms": 200, "chunk": 98, "speak_tokens": 16, "listen_tokens": 1},
               "levels": [{"server": s, "sessions": n, "p99_ms": p99, "miss_rate": miss}
                          for s, n, p99, miss in [("ours", 1, 20, 0), ("ours", 16, 100, 0), ("ours", 32, 600, 0.4),
+                                                 ("ours", 64, None, None),  # every open refused: no point
                                                  ("upstream", 1, 30, 0), ("upstream", 16, 200, 0.01)]]}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(result))
@@ -375,7 +376,7 @@ def test_plot_from_a_result_file(tmp_path):
 
 
 def _result(levels, capacity, **extra):
-    return {"card": "cpu", "command": "python3 -m benchmarks.realtime_capacity ...", "git_commit": "abc",
+    return {"card": "NVIDIA H200", "command": "python3 -m benchmarks.realtime_capacity ...", "git_commit": "abc",
             "capacity_sessions": capacity, "capacity_rule": "rule", "model": {"preset": "small"},
             "workload": {"preset": "small", "period_ms": 200, "chunk": 98, "speak_tokens": 16, "listen_tokens": 1},
             "levels": [{"server": s, "sessions": n, "p99_ms": p99, "miss_rate": miss} for s, n, p99, miss in levels],
@@ -401,6 +402,7 @@ def test_merge_puts_each_runs_ours_under_its_label_and_plots_them_together(tmp_p
     assert merged["fresh"] == {"1 worker": {"sessions": 16}}
     assert merged["runs"]["1 worker"]["command"].startswith("python3 -m benchmarks.realtime_capacity")
     assert {"card", "git_commit", "command", "workload", "capacity_rule"} <= merged.keys()
+    assert (merged["card"], merged["git_commit"]) == ("NVIDIA H200", "abc")  # the runs' own, whatever runs the merge
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,15 @@ def test_gateway_argv_routes_sessions_to_one_worker_each():
         assert flag in argv and (value is None or _value(argv, flag) == value)
     assert _value(argv, "--policy") == "manual" and _value(argv, "--assignment-mode") == "min_load"
     assert "--disable-retries" in argv and "--disable-circuit-breaker" in argv
+    assert "--disable-worker-overload-protection" in argv  # a busy worker keeps its sessions
+
+
+def test_the_multi_host_command_in_the_docs_has_every_gateway_flag():
+    doc = (Path(__file__).parents[2] / "docs" / "scale-out.md").read_text()
+    launch = doc[doc.index("python -m smg launch"):]
+    launch = launch[:launch.index("\n\n")].replace("\\\n", " ").split()
+    for flag, value, _ in GATEWAY_FLAGS:
+        assert flag in launch and (value is None or _value(launch, flag) == value), flag
 
 
 def test_healthy_worker_urls_reads_the_gateways_listing():

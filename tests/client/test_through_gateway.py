@@ -1,10 +1,13 @@
 """Sessions through the real SGLang Model Gateway (smg, as `sglang-microturn cluster` runs it) in front of
 stand-in workers in their own processes (tests/rigs/gateway_rig.py): the client needs nothing but the
-gateway's URL, every call of a session reaches the worker its open reached, a worker's loss turns its
-sessions into 410s and leaves the others untouched, and a full worker's refusal sends the open elsewhere."""
+gateway's URL, every call of a session reaches the worker its open reached (a busy worker's too), a worker's
+loss turns its sessions into 410s and leaves the others untouched, and a full worker's refusal sends the open
+elsewhere."""
 
 import asyncio
 import collections
+import json
+import urllib.request
 
 import pytest
 
@@ -89,3 +92,59 @@ def test_an_open_refused_by_a_full_worker_goes_to_another(tmp_path):
     with gateway_with_standins(tmp_path, [2, None]) as (url, _):
         per_worker = run(scenario(url))
     assert sum(per_worker.values()) == 12 and min(per_worker.values()) <= 1 < max(per_worker.values())
+
+
+def _standin(worker, route: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(worker.url + route, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.load(r)
+
+
+def _standin_load(worker, waiting: int | None = None) -> dict:
+    """The stand-in's reported load (and how often the gateway polled it); with `waiting`, set it first."""
+    return _standin(worker, "/standin/load", None if waiting is None else {"waiting": waiting})
+
+
+def test_a_busy_worker_keeps_its_sessions(tmp_path):
+    # Seen on an H200 (two workers, 384 sessions): the gateway's overload protection (on by default in smg 1.13)
+    # left a worker with 8 waiting requests out of routing, so its sessions' appends reached the other worker
+    # and answered 410. A queue is no reason to lose a session: `cluster` switches that protection off.
+    async def scenario(url, workers):
+        async with MicroTurnClient(url) as client, MicroTurnClient(workers[1].url) as direct:
+            sessions = [await client.open(output_budget=1) for _ in range(12)]
+            for s in sessions:
+                await s.append([5])
+            busy = [s for s in sessions if await _served_by(direct, s)]
+            assert busy and len(busy) < len(sessions)
+            polls = _standin_load(workers[1], waiting=64)["polls"]
+            wait_until(lambda: _standin_load(workers[1])["polls"] >= polls + 2, 10, "the gateway polls the load")
+            for s in sessions:
+                before = s.committed_length
+                assert (await s.append([9]))["committed_length"] == before + 2
+            assert all([await _served_by(direct, s) for s in busy])
+
+    # a poll a second instead of every 10 s: the test waits for two of them
+    with gateway_with_standins(tmp_path, [None, None], ("--load-monitor-interval", "1")) as (url, workers):
+        run(scenario(url, workers))
+
+
+def test_a_stalled_worker_keeps_its_sessions(tmp_path):
+    async def scenario(url, workers):
+        async with MicroTurnClient(url) as client, MicroTurnClient(workers[1].url) as direct:
+            sessions = [await client.open(output_budget=1) for _ in range(24)]
+            for s in sessions:
+                await s.append([5])
+            stalled = [s for s in sessions if await _served_by(direct, s)]
+            assert len(stalled) >= 6, len(stalled)
+            _standin(workers[1], "/standin/hold", {"on": True})
+            pending = [asyncio.create_task(s.append([6])) for s in stalled[:-1]]
+            await asyncio.sleep(6)  # twice smg's default --worker-wedge-secs: no token, no completion
+            late = asyncio.create_task(stalled[-1].append([6]))
+            await asyncio.sleep(1)
+            _standin(workers[1], "/standin/hold", {"on": False})
+            for reply in await asyncio.gather(*pending, late):
+                assert reply["committed_length"] == 4
+
+    with gateway_with_standins(tmp_path, [None, None], ("--load-monitor-interval", "1")) as (url, workers):
+        run(scenario(url, workers))

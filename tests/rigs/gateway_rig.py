@@ -33,9 +33,10 @@ def wait_until(predicate, timeout_s: float, what: str):
 
 
 @contextlib.contextmanager
-def gateway_with_standins(tmp_path: Path, rows: list[int | None]):
+def gateway_with_standins(tmp_path: Path, rows: list[int | None], extra_gateway_flags: tuple[str, ...] = ()):
     """A gateway in front of one stand-in worker per entry of `rows` (its request-pool rows, None: no session
-    cap). Yields (gateway URL, the workers' ServerProcess list); every process is stopped after."""
+    cap), launched as `sglang-microturn cluster` launches it plus `extra_gateway_flags`. Yields (gateway URL,
+    the workers' ServerProcess list); every process is stopped after."""
     with contextlib.ExitStack() as stack:
         workers = []
         for i, n in enumerate(rows):
@@ -44,7 +45,7 @@ def gateway_with_standins(tmp_path: Path, rows: list[int | None]):
             workers.append(stack.enter_context(ServerProcess(argv, port, str(tmp_path / f"worker{i}.log"),
                                                              startup_timeout_s=60)))
         port = free_port()
-        argv = gateway_argv("127.0.0.1", port, free_port(), [w.url for w in workers])
+        argv = gateway_argv("127.0.0.1", port, free_port(), [w.url for w in workers]) + list(extra_gateway_flags)
         gateway = stack.enter_context(ServerProcess(argv, port, str(tmp_path / "gateway.log"), startup_timeout_s=60))
         wait_until(lambda: len(healthy_workers(gateway.url)) == len(workers), 30, "the gateway lists every worker")
         yield gateway.url, workers

@@ -1,7 +1,9 @@
 """A stand-in SGLang worker in its own process, for tests of SGLang Model Gateway in front of several workers:
 the project's real /microturn front and API (sglang_microturn/server/routes.py) over the fake tokenizer manager
 of fake_sglang_http.py, plus the routes the gateway probes before it registers a worker (/health,
-/v1/models, /server_info, /model_info) and a plain /generate that names the worker.
+/v1/models, /server_info, /model_info), SGLang's /v1/loads (the load the gateway polls; its waiting-request
+count is set through POST /standin/load {"waiting": N}, GET /standin/load says how often it was polled) and a
+plain /generate that names the worker.
 
     python tests/rigs/standin_worker.py --port PORT [--rows N] [--log-memory-pool]
 
@@ -13,6 +15,7 @@ it holds its GPU memory (`sglang-microturn cluster` starts the next worker on it
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 
@@ -52,6 +55,34 @@ def build_app(port: int, rows: int | None) -> FastAPI:
     async def generate():  # a plain /generate: says which worker answered
         return {"text": "", "meta_info": {"worker_port": port}}
 
+    load = {"waiting": 0, "polls": 0}
+
+    @app.get("/v1/loads")
+    async def loads():  # SGLang's shape (entrypoints/v1_loads.py), one DP rank
+        from sglang.srt.managers.load_snapshot import LoadSnapshot
+
+        load["polls"] += 1
+        snapshot = LoadSnapshot(num_waiting_reqs=load["waiting"], max_total_num_tokens=100_000)
+        return {"timestamp": "", "version": "0.5.17", "accelerator": "cpu", "num_accelerators": 1,
+                "loads": [snapshot.to_dict()]}
+
+    @app.post("/standin/load")
+    async def set_load(body: dict):
+        load["waiting"] = int(body["waiting"])
+        return load
+
+    @app.get("/standin/load")
+    async def get_load():
+        return load
+
+    @app.post("/standin/hold")
+    async def hold(body: dict):  # {"on": true}: turns wait (no token, no completion) until {"on": false}
+        if body["on"]:
+            tm.hold = asyncio.Event()
+        elif tm.hold is not None:
+            tm.hold.set()
+        return {}
+
     return app
 
 
@@ -65,6 +96,7 @@ def main() -> None:
     # The API imports these on its first call; importing SGLang (and torch) then would block the event loop for
     # seconds, long enough for the gateway's health probes to time out and drop the worker.
     import sglang.srt.managers.io_struct  # noqa: F401
+    import sglang.srt.managers.load_snapshot  # noqa: F401
     import sglang.srt.managers.schedule_batch  # noqa: F401
     if args.log_memory_pool:
         print("Memory pool end. (stand-in)", flush=True)
