@@ -695,18 +695,21 @@ def plot(result_path: str | os.PathLike) -> Path | None:
 
 
 def merge(runs: dict[str, dict]) -> dict:
-    """One result of several runs of this benchmark (label -> result), each run's "ours" under its label: how
-    `benchmarks/cluster_capacity.sh` puts one worker and the gateway of N workers, measured in one GPU run, into
-    one file and one plot. Levels and capacities of a run's other servers are kept under "LABEL SERVER"."""
-    def name(label: str, server: str) -> str:
-        return label if server == "ours" else f"{label} {server}"
-
+    """One result of several runs of this benchmark (label -> result): how `benchmarks/cluster_capacity.sh` puts
+    upstream, one worker and the gateway of N workers, measured in one GPU run, into one file and one plot. A run
+    of one server is put under its label; a run of both keeps "ours" under the label and the other as
+    "LABEL upstream"."""
     merged: dict = {"capacity_sessions": {}, "levels": [], "fresh": {}, "runs": {}}
     for label, run in runs.items():
+        alone = len(run["capacity_sessions"]) == 1
+
+        def name(server: str) -> str:
+            return label if alone or server == "ours" else f"{label} {server}"
+
         for server, sessions in run["capacity_sessions"].items():
-            merged["capacity_sessions"][name(label, server)] = sessions
-        merged["levels"] += [{**level, "server": name(label, level["server"])} for level in run["levels"]]
-        merged["fresh"].update({name(label, server): r for server, r in run.get("fresh", {}).items()})
+            merged["capacity_sessions"][name(server)] = sessions
+        merged["levels"] += [{**level, "server": name(level["server"])} for level in run["levels"]]
+        merged["fresh"].update({name(server): r for server, r in run.get("fresh", {}).items()})
         merged["runs"][label] = {k: run[k] for k in ("command", "git_commit", "date", "servers") if k in run}
     first = next(iter(runs.values()))
     merged.update(capacity_rule=first["capacity_rule"], workload=first["workload"], model=first["model"])

@@ -390,15 +390,18 @@ def test_merge_puts_each_runs_ours_under_its_label_and_plots_them_together(tmp_p
     two = tmp_path / "two.json"
     two.write_text(json.dumps(_result([("ours", 1, 22, 0), ("ours", 256, 120, 0), ("upstream", 1, 30, 0)],
                                       {"ours": 256, "upstream": 1})))
+    up = tmp_path / "up.json"
+    up.write_text(json.dumps(_result([("upstream", 1, 30, 0), ("upstream", 32, 200, 0.02)], {"upstream": 1})))
     out = tmp_path / "merged.json"
-    proc = run_script("--out", str(out), "--merge", f"1 worker={one}", "--merge", f"2 workers + gateway={two}")
+    proc = run_script("--out", str(out), "--merge", f"upstream 0.5.17={up}", "--merge", f"1 worker={one}",
+                      "--merge", f"2 workers + gateway={two}")
     assert proc.returncode == 0, proc.stderr
     merged = json.loads(out.read_text())
-    assert merged["capacity_sessions"] == {"1 worker": 128, "2 workers + gateway": 256,
+    assert merged["capacity_sessions"] == {"upstream 0.5.17": 1, "1 worker": 128, "2 workers + gateway": 256,
                                            "2 workers + gateway upstream": 1}
     assert [(lv["server"], lv["sessions"]) for lv in merged["levels"]] == [
-        ("1 worker", 1), ("1 worker", 128), ("2 workers + gateway", 1), ("2 workers + gateway", 256),
-        ("2 workers + gateway upstream", 1)]
+        ("upstream 0.5.17", 1), ("upstream 0.5.17", 32), ("1 worker", 1), ("1 worker", 128),
+        ("2 workers + gateway", 1), ("2 workers + gateway", 256), ("2 workers + gateway upstream", 1)]
     assert merged["fresh"] == {"1 worker": {"sessions": 16}}
     assert merged["runs"]["1 worker"]["command"].startswith("python3 -m benchmarks.realtime_capacity")
     assert {"card", "git_commit", "command", "workload", "capacity_rule"} <= merged.keys()

@@ -106,17 +106,24 @@ def _standin_load(worker, waiting: int | None = None) -> dict:
     return _standin(worker, "/standin/load", None if waiting is None else {"waiting": waiting})
 
 
+async def _open_across(client, direct, n: int) -> tuple[list, list]:
+    """`n` sessions opened through the gateway, one append each; returns (all, those on the worker behind
+    `direct`), with sessions on both workers."""
+    sessions = [await client.open(output_budget=1) for _ in range(n)]
+    for s in sessions:
+        await s.append([5])
+    on_direct = [s for s in sessions if await _served_by(direct, s)]
+    assert 0 < len(on_direct) < n, len(on_direct)
+    return sessions, on_direct
+
+
 def test_a_busy_worker_keeps_its_sessions(tmp_path):
     # Seen on an H200 (two workers, 384 sessions): the gateway's overload protection (on by default in smg 1.13)
     # left a worker with 8 waiting requests out of routing, so its sessions' appends reached the other worker
     # and answered 410. A queue is no reason to lose a session: `cluster` switches that protection off.
     async def scenario(url, workers):
         async with MicroTurnClient(url) as client, MicroTurnClient(workers[1].url) as direct:
-            sessions = [await client.open(output_budget=1) for _ in range(12)]
-            for s in sessions:
-                await s.append([5])
-            busy = [s for s in sessions if await _served_by(direct, s)]
-            assert busy and len(busy) < len(sessions)
+            sessions, busy = await _open_across(client, direct, 12)
             polls = _standin_load(workers[1], waiting=64)["polls"]
             wait_until(lambda: _standin_load(workers[1])["polls"] >= polls + 2, 10, "the gateway polls the load")
             for s in sessions:
@@ -132,11 +139,8 @@ def test_a_busy_worker_keeps_its_sessions(tmp_path):
 def test_a_stalled_worker_keeps_its_sessions(tmp_path):
     async def scenario(url, workers):
         async with MicroTurnClient(url) as client, MicroTurnClient(workers[1].url) as direct:
-            sessions = [await client.open(output_budget=1) for _ in range(24)]
-            for s in sessions:
-                await s.append([5])
-            stalled = [s for s in sessions if await _served_by(direct, s)]
-            assert len(stalled) >= 6, len(stalled)
+            _, stalled = await _open_across(client, direct, 24)
+            assert len(stalled) >= 6, len(stalled)  # more in flight than smg's wedge rule counts (4 deep)
             _standin(workers[1], "/standin/hold", {"on": True})
             pending = [asyncio.create_task(s.append([6])) for s in stalled[:-1]]
             await asyncio.sleep(6)  # twice smg's default --worker-wedge-secs: no token, no completion
