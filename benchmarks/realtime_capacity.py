@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -850,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {k: v for k, v in vars(args).items() if k != "plot"},
         "model": {"preset": args.preset, "shared_expert_width": 0, "vocab_size": spec.vocab_size},
         "servers": servers,
+        # uvicorn (both servers) parses HTTP with httptools when it is installed, else with h11 (pure Python)
+        "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
         # What was typed: run_record's sys.argv names the file of a `-m` run, which would not import as a script.
         "command": shlex.join([os.path.basename(sys.executable), *sys.orig_argv[1:]]),
     }
