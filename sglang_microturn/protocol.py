@@ -88,3 +88,34 @@ def direct_request(call: str, body: dict) -> tuple[str, str, dict | None]:
 def gateway_request(call: str, body: dict) -> tuple[str, str, dict]:
     """(method, path, JSON body) of `call` in its gateway form."""
     return "POST", GATEWAY_PATH, {GATEWAY_FIELD: {"op": call, **body}}
+
+
+# WebSocket transport: one connection = one session's stream of micro-turns. Every frame is a JSON text frame,
+# an object with a "type" (after the OpenAI Realtime API's event shape). A client event's optional "event_id"
+# comes back as "in_reply_to" on the server event that answers it. Client events and their fields (the same
+# fields, checks and errors as the HTTP call named beside each):
+#   session.update   {"session": {output_budget?, stop_ids?, idle_timeout?, temperature?, ignore_eos?, seed?,
+#                    deadline_ms?}}: opens the connection's session (HTTP open); only before one is attached
+#   session.resume   {"session_id"}: attaches an open session again after a dropped connection (HTTP status);
+#                    the next input.append's expected_length says which turn the client saw last
+#   input.append     {input_ids, output_budget?, return_logprob?, expected_length?} (HTTP append): one micro-turn
+#   session.close    {} (HTTP close)
+# Server events:
+#   session.created / session.resumed   {"session": {"id", "committed_length"}}
+#   response.done    the HTTP append's reply: {output_ids, committed_length, finish_reason, timestamps, ...}
+#   session.closed   the HTTP close's reply
+#   error            {"error": {"code": <HTTP status of the same error>, "type": <error name>, "message"}}:
+#                    nothing changed; the connection stays open
+# A dropped connection aborts the turn in flight (the session rolls back to its committed length, as when an
+# HTTP client disconnects) and leaves the session open for its idle timeout.
+WS_PATH = "/microturn/ws"
+WS_SESSION_UPDATE = "session.update"
+WS_SESSION_RESUME = "session.resume"
+WS_INPUT_APPEND = "input.append"
+WS_SESSION_CLOSE = "session.close"
+WS_CLIENT_EVENTS = (WS_SESSION_UPDATE, WS_SESSION_RESUME, WS_INPUT_APPEND, WS_SESSION_CLOSE)
+WS_SESSION_CREATED = "session.created"
+WS_SESSION_RESUMED = "session.resumed"
+WS_RESPONSE_DONE = "response.done"
+WS_SESSION_CLOSED = "session.closed"
+WS_ERROR = "error"

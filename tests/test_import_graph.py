@@ -83,16 +83,17 @@ def test_the_client_never_reaches_torch():
     assert [v for m in _room("client") for v in _violations(m, NO_SGLANG + ("torch", "numpy", "microturn_kernels"))] == []
 
 
-def test_the_client_needs_only_aiohttp_outside_the_stdlib():
+def test_the_client_needs_only_aiohttp_and_websockets_outside_the_stdlib():
     """What the client reaches outside the stdlib and our package is declared in pyproject's runtime
     dependencies: `pip install sglang-microturn` is enough to use it."""
     import tomllib
 
     outside = {name.split(".")[0] for m in _room("client") for name in _reach(m)
                if name.split(".")[0] not in sys.stdlib_module_names and not name.startswith("sglang_microturn")}
-    assert outside == {"aiohttp"}
+    assert outside == {"aiohttp", "websockets"}
     declared = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert any(d.split(">")[0].split("=")[0].split("<")[0].strip() == "aiohttp" for d in declared), declared
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in declared}
+    assert outside <= names, declared
 
 
 @pytest.mark.parametrize("module", ["sglang_microturn.protocol", "sglang_microturn.config"])

@@ -7,7 +7,7 @@ Each micro-turn's input (dMel audio codes + typed bytes, or silence) goes throug
 comes back in the same append. The interleaved timeline is printed with each micro-turn's latency.
 
     sglang-microturn serve &                  # or: sglang-microturn demo (starts, runs this, stops)
-    python -m sglang_microturn.examples.duplex_chat [--url http://127.0.0.1:30000] [--turns 25]
+    python -m sglang_microturn.examples.duplex_chat [--url http://127.0.0.1:30000] [--turns 25] [--transport ws]
 
 The default model has random weights: what it "says" is noise; the timing and the layout are the point.
 """
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 
 import numpy as np
 
-from sglang_microturn.client import MicroTurnClient
+from sglang_microturn.client import MicroTurnClient, MicroTurnWebSocket
 from sglang_microturn.format.dmel import DMelStream
 from sglang_microturn.format.layout import Control, InputEvents, LayoutError, MicroTurnLayout
 
@@ -56,38 +57,50 @@ def describe_output(layout: MicroTurnLayout, output_ids: list[int], turn: int) -
         return f"ids {output_ids}"
 
 
-async def chat(url: str, turns: int) -> int:
+async def open_session(stack: contextlib.AsyncExitStack, url: str, transport: str, **options):
+    """A session over `transport` ("http": one request per micro-turn; "ws": one WebSocket), closed with `stack`."""
+    if transport == "ws":
+        session = await MicroTurnWebSocket.open(url, **options)
+    else:
+        client = MicroTurnClient(url)
+        stack.push_async_callback(client.close)
+        session = await client.open(**options)
+    stack.push_async_callback(session.close)
+    return session
+
+
+async def chat(url: str, turns: int, transport: str = "http") -> int:
     layout = MicroTurnLayout()
     spec = layout.spec
+    period_s = spec.period_ms / 1000
     audio = DMelStream()
-    client = MicroTurnClient(url)
-    session = await client.open(output_budget=spec.out_budget, stop_ids=[Control.YIELD],
-                                period_s=spec.period_ms / 1000)
     previous_output = None
-    print(f"session {session.session_id}: {turns} micro-turns of {spec.period_ms} ms, "
-          f"{spec.stride} positions each")
-    print(f"{'turn':>4} {'t(ms)':>6}  {'user':<28} {'model (output ids)':<40} {'latency':>8} {'late':>6}")
-    start = time.monotonic()
-    try:
+    latencies, lateness = [], []
+    async with contextlib.AsyncExitStack() as stack:
+        session = await open_session(stack, url, transport, output_budget=spec.out_budget,
+                                     stop_ids=[Control.YIELD])
+        print(f"session {session.session_id} over {transport}: {turns} micro-turns of {spec.period_ms} ms, "
+              f"{spec.stride} positions each")
+        print(f"{'turn':>4} {'t(ms)':>6}  {'user':<28} {'model (output ids)':<40} {'latency':>8} {'late':>6}")
+        start = time.monotonic()
         for k, (pcm, text) in enumerate(user_script(turns, spec.samples_per_turn)):
             codes = audio.push(pcm if pcm is not None else np.zeros(spec.samples_per_turn, np.float32))
             events = InputEvents(audio=codes if pcm is not None else None, text=text)
             ids = layout.append_ids(events, previous_output, turn=k)
-            due = start + k * session.period_s  # micro-turn k's slot on the real-time clock
+            due = start + k * period_s  # micro-turn k's slot on the real-time clock
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            reply = await session.append(ids, due=due)
+            sent = time.monotonic()
+            reply = await session.append(ids)
+            latencies.append((time.monotonic() - sent) * 1e3)
+            lateness.append(max(0.0, sent - due) * 1e3)
             previous_output = reply["output_ids"]
-            rec = session.turns[-1]
             user = ("~audio~ " if pcm is not None else "") + (repr(text) if text else "")
             model = describe_output(layout, previous_output, k)
             print(f"{k:>4} {layout.turn_start_ms(k):>6}  {user or '(silence)':<28} {model[:40]:<40} "
-                  f"{rec.latency_ms:>6.1f}ms {rec.late_ms:>4.0f}ms")
-    finally:
-        await session.close()
-        await client.close()
-    lat = sorted(t.latency_ms for t in session.turns)
+                  f"{latencies[-1]:>6.1f}ms {lateness[-1]:>4.0f}ms")
+    lat = sorted(latencies)
     print(f"{len(lat)} micro-turns: p50 {lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms; sent at most "
-          f"{max(t.late_ms for t in session.turns):.1f} ms after its slot")
+          f"{max(lateness):.1f} ms after its slot")
     return 0
 
 
@@ -95,8 +108,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:30000")
     p.add_argument("--turns", type=int, default=25)
+    p.add_argument("--transport", choices=("http", "ws"), default="http",
+                   help="http: one request per micro-turn; ws: one WebSocket (WS /microturn/ws) for the session")
     args = p.parse_args()
-    return asyncio.run(chat(args.url, args.turns))
+    return asyncio.run(chat(args.url, args.turns, args.transport))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The /microturn routes in SGLang's HTTP server process: an ASGI front ahead of SGLang's FastAPI app, the
-four routes it serves (also in their gateway form on POST /generate, sglang_microturn/protocol.py), the JSON
-error shape, and the plugin hook that mounts them.
+four HTTP routes it serves (also in their gateway form on POST /generate, sglang_microturn/protocol.py) and
+WS /microturn/ws (server/ws_transport.py), the error shape both share, and the plugin hook that mounts them.
 
 Every error a /microturn route answers, whatever raised it (a domain error, SGLang's HTTPExceptions, a
 body over MICROTURN_MAX_BODY_BYTES, a bug), is JSON `{"error": {"code", "message"}}` with the status
@@ -20,9 +20,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route, Router
+from starlette.routing import Route, Router, WebSocketRoute
 
 from sglang_microturn import config, protocol
+from sglang_microturn.server import ws_transport
 from sglang_microturn.server.api_handlers import Backend, MicroTurnAPI
 from sglang_microturn.server.api_requests import parse_json_body
 from sglang_microturn.server.session_registry import MicroTurnError, OverCapacity, PayloadTooLarge, shown
@@ -33,8 +34,8 @@ PREFIX = "/microturn"
 
 
 class MicroTurnFront:
-    """ASGI middleware that serves /microturn/* from our own four-route router; every other request goes on to
-    SGLang's FastAPI app unchanged.
+    """ASGI middleware that serves /microturn/* (and the WebSocket at protocol.WS_PATH) from our own router; every
+    other request goes on to SGLang's FastAPI app unchanged.
 
     Why not `app.include_router`: FastAPI matches a request against SGLang's whole route table (~150 routes)
     and runs its per-route machinery; profiled on an H200 at 640 appends/s, routing and FastAPI's request
@@ -51,6 +52,8 @@ class MicroTurnFront:
                                      allow_headers=["*"])
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and _route_path(scope) == protocol.WS_PATH:
+            return await self.router(scope, receive, send)
         if scope["type"] == "http":
             path = _route_path(scope)
             if path.startswith(PREFIX + "/"):
@@ -143,6 +146,21 @@ def _route_path(scope) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
+def error_reply(error: Exception, what: str) -> tuple[int, str, dict | None]:
+    """(status, message, headers) every /microturn transport answers `error` with, raised while serving `what`."""
+    if isinstance(error, OverCapacity):
+        return protocol.status_of(error.name), error.message, {"Retry-After": str(error.retry_after_s)}
+    if isinstance(error, MicroTurnError):
+        return protocol.status_of(error.name), error.message, None
+    if isinstance(error, HTTPException):  # SGLang's own (e.g. 503 from its tokenizer manager), in our shape
+        return error.status_code, shown(str(error.detail), 1000), None
+    if isinstance(error, ValueError):  # SGLang's own request validation (e.g. context length)
+        return protocol.status_of(protocol.BAD_REQUEST), shown(str(error), 1000), None
+    # A bug: still our shape, and logged with its traceback.
+    logger.error("microturn: %s failed", what, exc_info=error)
+    return protocol.status_of(protocol.SERVER_ERROR), f"the server failed: {type(error).__name__}", None
+
+
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": status, "message": message}}, status_code=status, headers=headers)
 
@@ -162,7 +180,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def build_router(api: MicroTurnAPI) -> Router:
+def build_router(api: MicroTurnAPI, authorized: Callable[[str | None], bool] = ws_transport.api_key_check(None)
+                 ) -> Router:
+    """The /microturn routes; `authorized` decides a WebSocket handshake's Authorization header (SGLang's API-key
+    middleware, which guards the HTTP routes, lets WebSockets through)."""
     body_limit = config.value(config.MAX_BODY_BYTES)
 
     async def json_body(request: Request) -> dict:
@@ -172,17 +193,8 @@ def build_router(api: MicroTurnAPI) -> Router:
         try:
             await api.sweep()
             return JSONResponse(await handler(*args))
-        except OverCapacity as e:
-            return _error(protocol.status_of(e.name), e.message, {"Retry-After": str(e.retry_after_s)})
-        except MicroTurnError as e:
-            return _error(protocol.status_of(e.name), e.message)
-        except HTTPException as e:  # SGLang's own (e.g. 503 from its tokenizer manager), in our shape
-            return _error(e.status_code, shown(str(e.detail), 1000))
-        except ValueError as e:  # SGLang's own request validation (e.g. context length)
-            return _error(protocol.status_of(protocol.BAD_REQUEST), shown(str(e), 1000))
-        except Exception as e:  # a bug: still our shape, and logged with its traceback
-            logger.exception("microturn: %s failed", getattr(handler, "__name__", "a route"))
-            return _error(protocol.status_of(protocol.SERVER_ERROR), f"the server failed: {type(e).__name__}")
+        except Exception as e:
+            return _error(*error_reply(e, getattr(handler, "__name__", "a route")))
 
     def disconnect_waiter(request: Request):
         async def wait():
@@ -223,12 +235,15 @@ def build_router(api: MicroTurnAPI) -> Router:
         Route(f"{PREFIX}/append", append, methods=["POST"]),
         Route(f"{PREFIX}/close", close, methods=["POST"]),
         Route(f"{PREFIX}/sessions/{{session_id}}", status, methods=["GET"]),
+        WebSocketRoute(protocol.WS_PATH, ws_transport.endpoint(api, body_limit, authorized, error_reply)),
     ], default=not_found)
 
 
-def mount(app, api: MicroTurnAPI) -> None:
+def mount(app, api: MicroTurnAPI, authorized: Callable[[str | None], bool] = ws_transport.api_key_check(None)
+          ) -> None:
     """Serve `api` in front of `app` (a Starlette/FastAPI app that has not started yet)."""
-    app.add_middleware(MicroTurnFront, router=build_router(api), body_limit=config.value(config.MAX_BODY_BYTES))
+    app.add_middleware(MicroTurnFront, router=build_router(api, authorized),
+                       body_limit=config.value(config.MAX_BODY_BYTES))
 
 
 def _sglang_backend() -> Backend:
@@ -269,11 +284,13 @@ def install() -> str:
     config.value(config.MAX_BODY_BYTES)
 
     def before_http_launch(*args, **kwargs):
-        require_single_tokenizer(kwargs.get("server_args", args[0] if args else None))
+        server_args = kwargs.get("server_args", args[0] if args else None)
+        require_single_tokenizer(server_args)
         from sglang.srt.entrypoints import http_server
 
-        mount(http_server.app, api)
+        mount(http_server.app, api, ws_transport.api_key_check(getattr(server_args, "api_key", None),
+                                                               getattr(server_args, "admin_api_key", None)))
 
     warmup = realtime_warmup.install(lambda: api)  # before registering: a bad setting registers nothing
     HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", before_http_launch, HookType.BEFORE)
-    return f"HTTP API {PREFIX}/{{open,append,close,sessions}}; {warmup}"
+    return f"HTTP API {PREFIX}/{{open,append,close,sessions}}, WebSocket {protocol.WS_PATH}; {warmup}"

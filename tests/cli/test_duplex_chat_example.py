@@ -1,19 +1,23 @@
-"""sglang_microturn/examples/duplex_chat.py (what `sglang-microturn demo` runs) end to end over real HTTP,
-against the stand-in tokenizer manager."""
+"""sglang_microturn/examples/duplex_chat.py (what `sglang-microturn demo` runs) end to end over real HTTP and
+over the WebSocket, against the stand-in tokenizer manager."""
 
 import asyncio
 import importlib
 import re
+
+import pytest
 
 
 def load_example():
     return importlib.import_module("sglang_microturn.examples.duplex_chat")
 
 
-def test_duplex_chat_prints_a_paced_timeline(server, capsys):  # noqa: F811
+@pytest.mark.parametrize("transport", ["http", "ws"])
+def test_duplex_chat_prints_a_paced_timeline(server, capsys, transport):  # noqa: F811
     url, tm = server
-    assert asyncio.run(load_example().chat(url, turns=12)) == 0
+    assert asyncio.run(load_example().chat(url, turns=12, transport=transport)) == 0
     out = capsys.readouterr().out
+    assert f"over {transport}:" in out
     rows = [line for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)]
     assert len(rows) == 12
     assert [int(r.split()[1]) for r in rows] == [200 * k for k in range(12)]  # micro-turn k starts at 200k ms

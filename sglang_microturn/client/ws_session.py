@@ -1,0 +1,131 @@
+"""One micro-turn session over WS /microturn/ws (the `websockets` library; events: sglang_microturn/protocol.py).
+
+    async with await MicroTurnWebSocket.open("http://127.0.0.1:30000", output_budget=16) as ws:
+        reply = await ws.append(input_ids)          # the HTTP append's reply: output_ids, committed_length, ...
+    ...
+    ws = await MicroTurnWebSocket.resume(url, session_id)   # after a dropped connection
+
+Appends are sent one at a time, each with the committed length this session last saw as `expected_length`, so
+an append resent after a dropped connection applies at most once (a LengthMismatchError then carries the
+server's length). An `error` event raises the typed error of its HTTP status (client/errors.py), as the HTTP
+client does. A dropped connection raises ConnectionLostError; the session stays open on the server for its
+idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import websockets
+
+from sglang_microturn import protocol
+from sglang_microturn.client.errors import ConnectionLostError, ProtocolError, RequestTimeoutError, error_for
+
+
+def ws_url(base_url: str) -> str:
+    """The WebSocket URL of a server's base URL (http -> ws, https -> wss)."""
+    scheme, _, rest = base_url.rstrip("/").partition("://")
+    return {"http": "ws", "https": "wss"}.get(scheme, scheme) + "://" + rest + protocol.WS_PATH
+
+
+class MicroTurnWebSocket:
+    """A connection attached to one session. Not safe for concurrent appends: one micro-turn at a time."""
+
+    def __init__(self, connection, session_id: str, committed_length: int, timeout_s: float):
+        self.connection, self.session_id, self.committed_length = connection, session_id, committed_length
+        self.timeout_s = timeout_s
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def _connect(cls, base_url: str, api_key: str | None, timeout_s: float):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        try:
+            return await websockets.connect(ws_url(base_url), additional_headers=headers, open_timeout=timeout_s)
+        except websockets.InvalidStatus as e:
+            status = e.response.status_code
+            raise error_for(401 if status == 403 else status, f"WebSocket handshake refused ({status})") from e
+        except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as e:
+            raise ConnectionLostError(f"cannot connect to {ws_url(base_url)}: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    async def open(cls, base_url: str, *, api_key: str | None = None, timeout_s: float = 60.0,
+                   **options: Any) -> MicroTurnWebSocket:
+        """Connect and open a session with `options` (the HTTP open's fields: output_budget, stop_ids, ...)."""
+        connection = await cls._connect(base_url, api_key, timeout_s)
+        return await cls._attach(connection, {"type": protocol.WS_SESSION_UPDATE, "session": options},
+                                 protocol.WS_SESSION_CREATED, timeout_s)
+
+    @classmethod
+    async def resume(cls, base_url: str, session_id: str, *, api_key: str | None = None,
+                     timeout_s: float = 60.0) -> MicroTurnWebSocket:
+        """Connect and attach an open session again (after a dropped connection)."""
+        connection = await cls._connect(base_url, api_key, timeout_s)
+        return await cls._attach(connection, {"type": protocol.WS_SESSION_RESUME, "session_id": session_id},
+                                 protocol.WS_SESSION_RESUMED, timeout_s)
+
+    @classmethod
+    async def _attach(cls, connection, event: dict, expect: str, timeout_s: float) -> MicroTurnWebSocket:
+        try:
+            reply = await _exchange(connection, event, expect, timeout_s)
+        except BaseException:
+            await connection.close()
+            raise
+        session = reply["session"]
+        return cls(connection, session["id"], session["committed_length"], timeout_s)
+
+    async def append(self, input_ids: list[int], output_budget: int | None = None, *,
+                     return_logprob: bool = False, expected_length: int | None = None) -> dict:
+        """One micro-turn; returns the `response.done` event (the HTTP append's reply)."""
+        event = {"type": protocol.WS_INPUT_APPEND, "input_ids": list(input_ids), "return_logprob": return_logprob,
+                 "expected_length": self.committed_length if expected_length is None else expected_length}
+        if output_budget is not None:
+            event["output_budget"] = output_budget
+        async with self._lock:
+            reply = await _exchange(self.connection, event, protocol.WS_RESPONSE_DONE, self.timeout_s)
+            self.committed_length = reply["committed_length"]
+        return reply
+
+    async def close(self) -> dict:
+        """Close the session on the server, then the connection."""
+        try:
+            async with self._lock:
+                return await _exchange(self.connection, {"type": protocol.WS_SESSION_CLOSE},
+                                       protocol.WS_SESSION_CLOSED, self.timeout_s)
+        finally:
+            await self.connection.close()
+
+    async def disconnect(self) -> None:
+        """Drop the connection and keep the session (resume it with `resume`)."""
+        await self.connection.close()
+
+    async def __aenter__(self) -> MicroTurnWebSocket:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.disconnect()
+
+
+async def _exchange(connection, event: dict, expect: str, timeout_s: float) -> dict:
+    """Send `event` and return the server event that answers it (type `expect`), or raise its error."""
+    try:
+        await connection.send(json.dumps(event))
+        raw = await asyncio.wait_for(connection.recv(), timeout_s)
+    except asyncio.TimeoutError as e:
+        raise RequestTimeoutError(f"no reply to {event['type']} within {timeout_s} s") from e
+    except websockets.ConnectionClosed as e:
+        raise ConnectionLostError(f"the connection closed before the reply to {event['type']}: {e}") from e
+    try:
+        reply = json.loads(raw)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"a reply to {event['type']} that is not a JSON text frame: {raw[:200]!r}") from None
+    if not isinstance(reply, dict):
+        raise ProtocolError(f"a reply to {event['type']} that is not an event object: {raw[:200]!r}")
+    if reply.get("type") == protocol.WS_ERROR:
+        error = reply.get("error") or {}
+        raise error_for(int(error.get("code", 500)), str(error.get("message", "")), body=raw,
+                        retry_after_s=error.get("retry_after_s"))
+    if reply.get("type") != expect:
+        raise ProtocolError(f"expected {expect} in reply to {event['type']}, got {reply.get('type')!r}")
+    return reply
