@@ -232,7 +232,7 @@ def test_decode_num_steps_sizes_the_run_to_what_rows_still_need(sglang_ctx):
 
 
 @pytest.mark.parametrize("disqualifier", [
-    "logprob", "hidden_states", "stream", "routed_experts", "grammar", "penalizer", "custom_logit_processor",
+    "logprob", "hidden_states", "stream", "routed_experts", "sampling_mask", "grammar", "penalizer", "custom_logit_processor",
     "spec", "paged", "swa", "mlp_sync", "pp", "disagg", "mamba", "encoder_decoder", "hisparse",
 ])
 def test_decode_num_steps_is_one_where_a_step_has_per_step_state(sglang_ctx, disqualifier):
@@ -252,6 +252,8 @@ def test_decode_num_steps_is_one_where_a_step_has_per_step_state(sglang_ctx, dis
         reqs[0].stream = True
     elif disqualifier == "routed_experts":
         reqs[0].return_routed_experts = True
+    elif disqualifier == "sampling_mask":
+        reqs[0].return_sampling_mask = True
     elif disqualifier == "grammar":
         batch.sampling_info.grammars = [object()]
     elif disqualifier == "penalizer":
