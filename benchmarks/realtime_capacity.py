@@ -24,7 +24,10 @@ checkpoint without its shared expert, so that upstream serves the same weights a
             /microturn/append with expected_length; its per-session deadline counts (GET
             /microturn/sessions/<id>, field `deadline`) are summed per level as server_misses / server_turns
             (measured from the append's receipt, so a lower bound of the client's misses, and over the
-            warm-up turns too); Triton compiles and long GC pauses come from its stall log
+            warm-up turns too); Triton compiles and long GC pauses come from its stall log. With --transport ws
+            each session is one WebSocket (WS /microturn/ws: session.update, then one input.append per turn with
+            expected_length, session.close) instead of an HTTP request per call; the deadline counts are still
+            read over HTTP. Not through a gateway (--gateway-ours): SGLang Model Gateway forwards no WebSocket
   upstream  unpatched SGLang 0.5.17 (`python -m sglang.launch_server`, no plugin, Triton attention, pytorch
             sampling, + --upstream-flags): /open_session + /generate with session_params. Our patches are
             reverted in the installed SGLang while it runs and re-applied after it stops (--upstream-sglang
@@ -76,6 +79,7 @@ from benchmarks.servers import microturn_exe
 from benchmarks.workloads import stalls_between
 from benchmarks.run_record import write_result
 from sglang_microturn import protocol
+from sglang_microturn.client import MicroTurnClientError, MicroTurnWebSocket
 from sglang_microturn.patchset import patching
 from sglang_microturn.server import stall_log
 from sglang_microturn.model.checkpoints import ensure_checkpoint, preset
@@ -89,6 +93,7 @@ FIRST_INPUT_ID = 100  # as microturn_latency.chunks_for: clear of the control id
 START_LEAD_S = 0.5  # from "every client process is ready" to the level's start: the start time must reach all
 REQUEST_TIMEOUT_S = 120.0  # a turn slower than this is a hung server, not a latency
 SERVERS = ("ours", "upstream")
+TRANSPORTS = ("http", "ws")  # how ours is driven; upstream has no WebSocket: always HTTP
 
 
 # ------------------------------------------------------------------------------------------ the workload
@@ -133,6 +138,7 @@ class ShardJob:
     drain_s: float
     workload: Workload
     gateway: bool = False  # ours is SGLang Model Gateway: calls in their gateway form (sglang_microturn/protocol.py)
+    transport: str = "http"  # "ws": ours over WS /microturn/ws, one connection per session
 
 
 # ------------------------------------------------------------------------------------------ turns and levels
@@ -230,6 +236,7 @@ class LevelRecord(TurnStats):
     the server's own deadline counts, its stall log and the GPU reported over the level."""
 
     server: str
+    transport: str  # "http" or "ws" (WS /microturn/ws, ours only)
     sessions: int
     admitted_sessions: int
     refused_opens: int  # /microturn/open answered 429: the server is at its real-time capacity
@@ -364,7 +371,55 @@ class UpstreamSession:
         await call(self.http, "POST", self.url + "/close_session", {"session_id": self.session_id})
 
 
+class OursWsSession(OursSession):
+    """A /microturn session over WS /microturn/ws: one connection for its open, appends (each with the committed
+    length as expected_length) and close. Its deadline counts are read over HTTP, as OursSession reads them.
+    Never through a gateway (SGLang Model Gateway forwards no WebSocket)."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str, ws: MicroTurnWebSocket, routing_key: str):
+        super().__init__(http, url, ws.session_id, routing_key, gateway=False)
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, http, url: str, workload: Workload, gateway: bool = False) -> tuple[OursWsSession | None, int]:
+        if gateway:
+            raise ValueError("SGLang Model Gateway forwards no WebSocket: --transport ws goes to a worker directly")
+        try:
+            ws = await MicroTurnWebSocket.open(url, timeout_s=REQUEST_TIMEOUT_S, output_budget=workload.listen_tokens,
+                                               ignore_eos=True, deadline_ms=round(workload.period_s * 1e3))
+        except MicroTurnClientError as e:
+            return None, _status_of(e)
+        return cls(http, url, ws, secrets.token_hex(16)), 200
+
+    async def turn(self, input_ids: list[int], budget: int) -> tuple[int, int]:
+        """(status, output length); an error event gives its HTTP status, a lost connection or timeout 0"""
+        try:
+            reply = await self.ws.append(input_ids, budget, expected_length=self.length)
+        except MicroTurnClientError as e:
+            return _status_of(e), 0
+        self.length = reply["committed_length"]
+        return 200, len(reply["output_ids"])
+
+    async def close(self) -> None:
+        with contextlib.suppress(MicroTurnClientError):  # as OursSession's close: its answer is not waited on
+            await self.ws.close()
+
+
+def _status_of(error: MicroTurnClientError) -> int:
+    """The HTTP status of a typed error event; 0 for no answer (lost connection, timeout), as call() gives."""
+    return getattr(error, "status", 0) or 0
+
+
 SESSION_TYPES = {"ours": OursSession, "upstream": UpstreamSession}
+
+
+def session_type(server: str, transport: str) -> type:
+    """The session class that drives `server` over `transport` (upstream: HTTP whatever the transport)."""
+    return OursWsSession if server == "ours" and transport == "ws" else SESSION_TYPES[server]
+
+
+def transport_of(server: str, args) -> str:
+    return args.transport if server == "ours" else "http"
 
 
 async def pace(send: Callable[[], Awaitable[tuple[int, int, int]]], first_due: float, turns: int, period_s: float,
@@ -404,7 +459,7 @@ async def run_shard(job: ShardJob, conn) -> ShardResult:
     connector = aiohttp.TCPConnector(limit=max(1, len(job.sessions)))  # one in-flight request per session
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        kind = SESSION_TYPES[job.server]
+        kind = session_type(job.server, job.transport)
         extra = {"gateway": True} if job.gateway else {}
         opened = await asyncio.gather(*(kind.open(http, job.url, job.workload, **extra) for _ in job.sessions))
         live = [(plan, s) for plan, (s, _) in zip(job.sessions, opened) if s is not None]
@@ -623,7 +678,7 @@ def shard_jobs(server: Server, label: str, sessions: int, seconds: float, args, 
     plans = [SessionPlan(i, rng.random() * workload.period_s) for i in range(sessions)]
     gateway = server.name == "ours" and args.gateway_ours
     return [ShardJob(server.name, server.url, f"{args.seed}:{label}", plans[p::procs], seconds, args.drain_s,
-                     workload, gateway) for p in range(procs)]
+                     workload, gateway, transport_of(server.name, args)) for p in range(procs)]
 
 
 def run_level(pool: ClientPool, server: Server, label: str, sessions: int, seconds: float, warmup_s: float,
@@ -638,7 +693,8 @@ def run_level(pool: ClientPool, server: Server, label: str, sessions: int, secon
     counts = [s.server_counts for s in shards if s.opened]
     server_counts = (None, None) if not counts or None in counts else tuple(map(sum, zip(*counts)))
     return LevelRecord(
-        **asdict(stats), server=server.name, sessions=sessions, admitted_sessions=sum(s.opened for s in shards),
+        **asdict(stats), server=server.name, transport=transport_of(server.name, args), sessions=sessions,
+        admitted_sessions=sum(s.opened for s in shards),
         refused_opens=sum(s.refused for s in shards),
         errors=sum(s.open_errors for s in shards) + stats.turn_errors, seconds=seconds, warmup_s=warmup_s,
         server_misses=server_counts[0], server_turns=server_counts[1],
@@ -647,7 +703,8 @@ def run_level(pool: ClientPool, server: Server, label: str, sessions: int, secon
 
 
 def summary_line(r: LevelRecord) -> str:
-    return (f"{r.server:8s} {r.sessions:4d} sessions ({r.admitted_sessions} admitted): p50 {r.p50_ms} p99 "
+    name = r.server if r.transport == "http" else f"{r.server}/{r.transport}"
+    return (f"{name:8s} {r.sessions:4d} sessions ({r.admitted_sessions} admitted): p50 {r.p50_ms} p99 "
             f"{r.p99_ms} ms, miss {r.miss_rate}, {r.turns_per_s} turns/s, errors {r.errors}, compiles "
             f"{r.compiles}, gc {r.gc_pauses}, gpu busy {r.gpu_busy_ratio}")
 
@@ -773,7 +830,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh-sessions", type=int, default=16, help="0 skips the fresh-server check")
     p.add_argument("--fresh-seconds", type=float, default=10.0)
     p.add_argument("--client-procs", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--transport", choices=["http", "ws"], default="http")
+    p.add_argument("--transport", choices=TRANSPORTS, default="http",
+                   help="how ours is driven: http (a request per call) or ws (one WS /microturn/ws connection per "
+                        "session); upstream is always HTTP")
     p.add_argument("--ours-flags", default="", help="extra flags for `sglang-microturn serve`, one string")
     p.add_argument("--upstream-flags", default="", help="extra flags for upstream's launch_server, one string")
     p.add_argument("--upstream-sglang", choices=["pristine", "installed"], default="pristine",
@@ -795,6 +854,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--client-procs must be >= 1, got {args.client_procs}")
     if args.gateway_ours and not args.url_ours:
         p.error("--gateway-ours needs --url-ours (the gateway's URL)")
+    if args.gateway_ours and args.transport == "ws":
+        p.error("--transport ws cannot go through --gateway-ours: SGLang Model Gateway forwards no WebSocket; "
+                "point --url-ours at a worker, or use --transport http")
     if args.merge and not args.out:
         p.error("--merge needs --out")
     if args.server_log_ours and not os.path.isfile(args.server_log_ours):
@@ -812,10 +874,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capacity (sessions): {json.loads(path.read_text())['capacity_sessions']}; wrote {path}")
         plot(path)
         return 0
-    if args.transport == "ws":
-        print("realtime_capacity: --transport ws is not available yet (the server has no WebSocket endpoint); "
-              "use --transport http", file=sys.stderr)
-        return 2
     spec = model_spec(args.preset)
     workload = Workload(args.period_ms / 1e3, args.chunk, args.speak_tokens, args.listen_tokens,
                         args.speak_share, spec.vocab_size)
@@ -853,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
         "servers": servers,
         # uvicorn (both servers) parses HTTP with httptools when it is installed, else with h11 (pure Python)
         "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        "transport": args.transport,  # ours's; upstream's levels are always "http" (each level says which)
         # What was typed: run_record's sys.argv names the file of a `-m` run, which would not import as a script.
         "command": shlex.join([os.path.basename(sys.executable), *sys.orig_argv[1:]]),
     }

@@ -1,6 +1,8 @@
 """benchmarks/realtime_capacity.py on CPU: the capacity rule, miss and latency accounting (a turn queued behind
-a late one included), the open-loop pacer's schedule, the GPU sampler, and an end-to-end run of both
-protocols against a stand-in server that refuses opens past a capacity and turns slow past a load."""
+a late one included), the open-loop pacer's schedule, the GPU sampler, an end-to-end run of both
+protocols against a stand-in server that refuses opens past a capacity and turns slow past a load, and ours over
+WS /microturn/ws (--transport ws) against the real /microturn API in front of the stand-in tokenizer manager
+(the `server` fixture)."""
 
 import asyncio
 import json
@@ -31,7 +33,7 @@ def level(sessions, p99_ms, miss_rate, admitted=None, errors=0, turns=100):
                          p90_ms=20.0, p99_ms=p99_ms, max_ms=p99_ms, mean_lateness_ms=None, max_lateness_ms=None,
                          unsent_turns=0, turn_errors=errors, turns_per_s=5.0 * sessions, output_tokens=0,
                          short_outputs=0)
-    return rc.LevelRecord(**vars(stats), server="ours", sessions=sessions,
+    return rc.LevelRecord(**vars(stats), server="ours", transport="http", sessions=sessions,
                           admitted_sessions=sessions if admitted is None else admitted,
                           refused_opens=0 if admitted is None else sessions - admitted, errors=errors, seconds=15,
                           warmup_s=2, server_misses=None, server_turns=None, compiles=None, gc_pauses=None,
@@ -326,6 +328,7 @@ def test_both_servers_end_to_end_against_the_stand_in(stand_in, tmp_path):
     levels = {(lv["server"], lv["sessions"]): lv for lv in result["levels"]}
     assert list(levels) == [("ours", 1), ("ours", 4), ("upstream", 1), ("upstream", 4)]  # 8: escalation stopped
     assert all(lv["errors"] == 0 and lv["short_outputs"] == 0 for lv in result["levels"])
+    assert result["transport"] == "http" and {lv["transport"] for lv in result["levels"]} == {"http"}
 
     one, four = levels["ours", 1], levels["ours", 4]
     assert one["turns"] == 8 and one["miss_rate"] == 0 and one["passes"]  # 10 turns due, first 2 are warm-up
@@ -352,12 +355,84 @@ def test_both_servers_end_to_end_against_the_stand_in(stand_in, tmp_path):
         assert png.stat().st_size > 0
 
 
-def test_websocket_transport_is_refused_and_nothing_is_written(tmp_path):
+class ShardConn:
+    """The parent's end of a client process's pipe, for run_shard in this process: takes "ready", gives the start."""
+
+    def __init__(self, lead_s=0.2):
+        self.sent, self.lead_s = [], lead_s
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def recv(self):
+        return time.time() + self.lead_s
+
+
+def test_ws_transport_runs_a_shard_over_one_websocket_per_session(server, monkeypatch):
+    from fake_sglang_http import VOCAB as FAKE_VOCAB
+
+    url, tm = server
+    monkeypatch.setenv("MICROTURN_MAX_SESSIONS", "2")  # read when the API's registry is made: on the first call
+    http_calls = []
+    real_call = rc.call
+
+    async def spy(http, method, url, body=None, headers=None):
+        http_calls.append((method, url.removeprefix(server[0])))
+        return await real_call(http, method, url, body, headers)
+
+    monkeypatch.setattr(rc, "call", spy)
+    workload = rc.Workload(period_s=0.1, chunk=98, speak_tokens=16, listen_tokens=1, speak_share=0.3,
+                           vocab=FAKE_VOCAB)
+    plans = [rc.SessionPlan(i, 0.03 * i) for i in range(3)]
+    job = rc.ShardJob("ours", url, "0:ws", plans, seconds=0.6, drain_s=0.3, workload=workload, transport="ws")
+    assert rc.session_type("ours", "ws") is rc.OursWsSession and rc.session_type("ours", "http") is rc.OursSession
+    assert rc.session_type("upstream", "ws") is rc.UpstreamSession  # upstream has no WebSocket
+    conn = ShardConn()
+    result = asyncio.run(rc.run_shard(job, conn))
+
+    assert conn.sent == [("ready", 2)]
+    assert (result.opened, result.refused, result.open_errors) == (2, 1, 0)  # the third open: an error event, 429
+    assert len(result.turns) == 2 * 6 and {t.session for t in result.turns} == {0, 1}  # 6 due in 0.6 s each
+    assert all(t.ok and t.status == 200 and t.output_len == t.budget for t in result.turns)
+    assert {t.budget for t in result.turns} <= {1, 16}
+    assert result.server_counts is not None and result.server_counts[1] == 12  # the server counted every turn
+    # Over HTTP only the deadline counts (one status call per session); opens, appends and closes went over WS.
+    assert sorted(m for m, _ in http_calls) == ["GET", "GET"]
+    assert all(path.startswith("/microturn/sessions/") for _, path in http_calls)
+    committed = sorted(sum(98 + t.budget for t in result.turns if t.session == s) for s in (0, 1))
+    assert sorted(tm.closed_lengths) == committed  # both closed, each at the length its appends committed
+
+
+def test_ws_transport_end_to_end_records_the_transport(server, tmp_path):
+    url, tm = server
     out = tmp_path / "ws.json"
-    proc = run_script("--transport", "ws", "--url-ours", "http://127.0.0.1:9", "--out", str(out))
+    proc = run_script("--transport", "ws", "--url-ours", url, "--servers", "ours", "--levels", "1,3",
+                      "--seconds", "0.6", "--warmup-s", "0.2", "--period-ms", "100", "--client-procs", "2",
+                      "--fresh-sessions", "2", "--fresh-seconds", "0.4", "--drain-s", "0.3", "--min-turns", "0",
+                      "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["transport"] == "ws" and result["workload"]["transport"] == "ws" and "http_parser" in result
+    levels = result["levels"]
+    assert [(lv["server"], lv["transport"], lv["sessions"]) for lv in levels] == [("ours", "ws", 1), ("ours", "ws", 3)]
+    assert result["fresh"]["ours"]["transport"] == "ws"
+    for lv in [*levels, result["fresh"]["ours"]]:
+        assert lv["admitted_sessions"] == lv["sessions"] and lv["errors"] == 0 and lv["short_outputs"] == 0
+        assert lv["turns"] > 0 and lv["server_turns"] >= lv["turns"]  # deadline counts read over HTTP
+    assert len(tm.closed_lengths) == 2 + 1 + 3  # every session closed over its WebSocket
+    assert "ours/ws" in proc.stdout + proc.stderr  # the summary lines name the transport
+
+
+def test_ws_transport_through_a_gateway_is_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "ws.json"
+    proc = run_script("--transport", "ws", "--gateway-ours", "--url-ours", "http://127.0.0.1:9", "--out", str(out))
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "ws" in proc.stderr
+    assert "--transport ws cannot go through --gateway-ours" in proc.stderr and "WebSocket" in proc.stderr
     assert not out.exists() and not out.with_suffix(".png").exists()
+    assert rc.parse_args(["--transport", "ws", "--url-ours", "http://127.0.0.1:9"]).transport == "ws"
+    assert rc.parse_args([]).transport == "http"
+    with pytest.raises(SystemExit):
+        rc.parse_args(["--transport", "grpc"])
 
 
 def test_plot_from_a_result_file(tmp_path):
