@@ -194,11 +194,16 @@ def test_worker_runs_k_steps_that_equal_k_single_steps(sglang_ctx):
 # -- the scheduler: how many steps, and what the next forward continues from --
 
 
+def _server_args(max_steps=4, **overrides):
+    return SimpleNamespace(**{"num_continuous_decode_steps": max_steps, "pp_size": 1,
+                              "enable_mamba_extra_buffer": lambda: False, "expert_distribution_recorder_mode": None,
+                              "enable_expert_distribution_metrics": False, **overrides})
+
+
 def _scheduler(batch, max_steps=4, free=10_000, row_width=2048, **overrides):
     from sglang.srt.disaggregation.utils import DisaggregationMode
 
-    server_args = SimpleNamespace(num_continuous_decode_steps=max_steps, pp_size=1,
-                                  enable_mamba_extra_buffer=lambda: False)
+    server_args = _server_args(max_steps)
     owner = SimpleNamespace(server_args=server_args, is_hybrid_swa=False, require_mlp_sync=False,
                             disaggregation_mode=DisaggregationMode.NULL,
                             token_to_kv_pool_allocator=SimpleNamespace(page_size=1, available_size=lambda: free),
@@ -233,7 +238,8 @@ def test_decode_num_steps_sizes_the_run_to_what_rows_still_need(sglang_ctx):
 
 @pytest.mark.parametrize("disqualifier", [
     "logprob", "hidden_states", "stream", "routed_experts", "sampling_mask", "grammar", "penalizer", "custom_logit_processor",
-    "spec", "paged", "swa", "mlp_sync", "pp", "disagg", "mamba", "encoder_decoder", "hisparse",
+    "spec", "paged", "swa", "mlp_sync", "pp", "disagg", "mamba", "encoder_decoder", "hisparse", "expert_recorder",
+    "expert_metrics",
 ])
 def test_decode_num_steps_is_one_where_a_step_has_per_step_state(sglang_ctx, disqualifier):
     from sglang.srt.disaggregation.utils import DisaggregationMode
@@ -269,13 +275,15 @@ def test_decode_num_steps_is_one_where_a_step_has_per_step_state(sglang_ctx, dis
     elif disqualifier == "mlp_sync":
         kw["require_mlp_sync"] = True
     elif disqualifier == "pp":
-        kw["server_args"] = SimpleNamespace(num_continuous_decode_steps=4, pp_size=2,
-                                            enable_mamba_extra_buffer=lambda: False)
+        kw["server_args"] = _server_args(pp_size=2)
     elif disqualifier == "disagg":
         kw["disaggregation_mode"] = DisaggregationMode.DECODE
     elif disqualifier == "mamba":
-        kw["server_args"] = SimpleNamespace(num_continuous_decode_steps=4, pp_size=1,
-                                            enable_mamba_extra_buffer=lambda: True)
+        kw["server_args"] = _server_args(enable_mamba_extra_buffer=lambda: True)
+    elif disqualifier == "expert_recorder":
+        kw["server_args"] = _server_args(expert_distribution_recorder_mode="stat")
+    elif disqualifier == "expert_metrics":
+        kw["server_args"] = _server_args(enable_expert_distribution_metrics=True)
     elif disqualifier == "encoder_decoder":
         batch.model_config = SimpleNamespace(is_encoder_decoder=True)
     elif disqualifier == "hisparse":
