@@ -98,7 +98,9 @@ def gateway_request(call: str, body: dict) -> tuple[str, str, dict]:
 #                    deadline_ms?}}: opens the connection's session (HTTP open); only before one is attached
 #   session.resume   {"session_id"}: attaches an open session again after a dropped connection (HTTP status);
 #                    the next input.append's expected_length says which turn the client saw last
-#   input.append     {input_ids, output_budget?, return_logprob?, expected_length?} (HTTP append): one micro-turn
+#   input.append     {input_ids, output_budget?, return_logprob?, expected_length?} (HTTP append): one micro-turn;
+#                    or {input: {audio?, text?}, ...} instead of input_ids: the period's 16 kHz PCM (base64 of
+#                    little-endian int16) and typed text, encoded by the server (server/layout_turns.py)
 #   session.close    {} (HTTP close)
 # Server events:
 #   session.created / session.resumed   {"session": {"id", "committed_length"}}

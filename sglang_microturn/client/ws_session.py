@@ -2,6 +2,7 @@
 
     async with await MicroTurnWebSocket.open("http://127.0.0.1:30000", output_budget=16) as ws:
         reply = await ws.append(input_ids)          # the HTTP append's reply: output_ids, committed_length, ...
+        reply = await ws.append_input(pcm, "hi")    # or audio and text, encoded by the server: + output.text
     ...
     ws = await MicroTurnWebSocket.resume(url, session_id)   # after a dropped connection
 
@@ -14,14 +15,30 @@ idle timeout.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import base64
 import json
+import numbers
+import sys
 from typing import Any
 
 import websockets
 
 from sglang_microturn import protocol
 from sglang_microturn.client.errors import ConnectionLostError, ProtocolError, RequestTimeoutError, error_for
+
+
+def pcm_base64(pcm) -> str:
+    """The wire form of a micro-turn's audio: base64 of little-endian int16 samples. `pcm`: those bytes, or
+    mono samples (ints as int16, floats in [-1, 1] scaled by 32768 and clipped, as a microphone's are)."""
+    if isinstance(pcm, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(pcm)).decode("ascii")
+    samples = array.array("h", (int(x) if isinstance(x, numbers.Integral)
+                                else max(-32768, min(32767, round(float(x) * 32768))) for x in pcm))
+    if sys.byteorder == "big":
+        samples.byteswap()
+    return base64.b64encode(samples.tobytes()).decode("ascii")
 
 
 def ws_url(base_url: str) -> str:
@@ -78,10 +95,24 @@ class MicroTurnWebSocket:
     async def append(self, input_ids: list[int], output_budget: int | None = None, *,
                      return_logprob: bool = False, expected_length: int | None = None) -> dict:
         """One micro-turn; returns the `response.done` event (the HTTP append's reply)."""
-        event = {"type": protocol.WS_INPUT_APPEND, "input_ids": list(input_ids), "return_logprob": return_logprob,
-                 "expected_length": self.committed_length if expected_length is None else expected_length}
+        fields: dict[str, Any] = {"input_ids": list(input_ids)}
         if output_budget is not None:
-            event["output_budget"] = output_budget
+            fields["output_budget"] = output_budget
+        return await self._append_event(fields, return_logprob, expected_length)
+
+    async def append_input(self, pcm=None, text: str = "", *, return_logprob: bool = False,
+                           expected_length: int | None = None) -> dict:
+        """One micro-turn as audio and text, for the server to encode (no tokenizer here): `pcm` is the period's
+        mono 16 kHz samples (int16, or floats in [-1, 1]), None for none. The reply adds `input_ids` (what the
+        server built) and `output` ({text, yielded})."""
+        given: dict[str, str] = {"text": text}
+        if pcm is not None:
+            given["audio"] = pcm_base64(pcm)
+        return await self._append_event({"input": given}, return_logprob, expected_length)
+
+    async def _append_event(self, fields: dict, return_logprob: bool, expected_length: int | None) -> dict:
+        event = {"type": protocol.WS_INPUT_APPEND, **fields, "return_logprob": return_logprob,
+                 "expected_length": self.committed_length if expected_length is None else expected_length}
         async with self._lock:
             reply = await _exchange(self.connection, event, protocol.WS_RESPONSE_DONE, self.timeout_s)
             self.committed_length = reply["committed_length"]

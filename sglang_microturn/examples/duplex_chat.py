@@ -8,6 +8,7 @@ comes back in the same append. The interleaved timeline is printed with each mic
 
     sglang-microturn serve &                  # or: sglang-microturn demo (starts, runs this, stops)
     python -m sglang_microturn.examples.duplex_chat [--url http://127.0.0.1:30000] [--turns 25] [--transport ws]
+    python -m sglang_microturn.examples.duplex_chat --wav speech.wav   # a real recording, encoded by the server
 
 The default model has random weights: what it "says" is noise; the timing and the layout are the point.
 """
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import sys
 import time
+import wave
 
 import numpy as np
 
@@ -104,13 +106,58 @@ async def chat(url: str, turns: int, transport: str = "http") -> int:
     return 0
 
 
+def read_wav(path: str, sample_rate: int) -> np.ndarray:
+    """A WAV file's samples as int16: 16-bit mono PCM at `sample_rate` only (convert others first, e.g.
+    `ffmpeg -i in.wav -ac 1 -ar 16000 -sample_fmt s16 out.wav`)."""
+    with wave.open(path, "rb") as f:
+        form = (f.getnchannels(), f.getsampwidth(), f.getframerate())
+        if form != (1, 2, sample_rate):
+            raise SystemExit(f"{path}: {form[0]} channel(s), {8 * form[1]}-bit, {form[2]} Hz; the model takes mono "
+                             f"16-bit PCM at {sample_rate} Hz (ffmpeg -i {path} -ac 1 -ar {sample_rate} "
+                             "-sample_fmt s16 out.wav)")
+        return np.frombuffer(f.readframes(f.getnframes()), dtype="<i2").astype(np.int16)
+
+
+async def chat_wav(url: str, path: str) -> int:
+    """Stream a WAV file in real time over the WebSocket, one period of PCM per micro-turn, for the server to
+    encode (no layout or front-end on this side); prints what the model said in each micro-turn."""
+    spec = MicroTurnLayout().spec
+    pcm = read_wav(path, spec.sample_rate)
+    n = spec.samples_per_turn
+    chunks = [pcm[i:i + n] for i in range(0, len(pcm), n)]
+    if chunks and len(chunks[-1]) < n:
+        chunks[-1] = np.concatenate([chunks[-1], np.zeros(n - len(chunks[-1]), np.int16)])  # the period ends
+    period_s = spec.period_ms / 1000
+    latencies = []
+    async with await MicroTurnWebSocket.open(url, output_budget=spec.out_budget, stop_ids=[Control.YIELD]) as ws:
+        print(f"session {ws.session_id} over ws: {path}, {len(chunks)} micro-turns of {spec.period_ms} ms")
+        print(f"{'turn':>4} {'t(ms)':>6}  {'model said':<40} {'latency':>8}")
+        start = time.monotonic()
+        for k, chunk in enumerate(chunks):
+            await asyncio.sleep(max(0.0, start + k * period_s - time.monotonic()))
+            sent = time.monotonic()
+            reply = await ws.append_input(chunk)
+            latencies.append((time.monotonic() - sent) * 1e3)
+            said = reply["output"]["text"] + (" <yield>" if reply["output"]["yielded"] else "")
+            print(f"{k:>4} {k * spec.period_ms:>6}  {said[:40]!r:<40} {latencies[-1]:>6.1f}ms")
+        await ws.close()
+    lat = sorted(latencies)
+    if lat:
+        print(f"{len(lat)} micro-turns: p50 {lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:30000")
     p.add_argument("--turns", type=int, default=25)
     p.add_argument("--transport", choices=("http", "ws"), default="http",
                    help="http: one request per micro-turn; ws: one WebSocket (WS /microturn/ws) for the session")
+    p.add_argument("--wav", metavar="FILE", help="stream this WAV file (16-bit mono 16 kHz) in real time instead of "
+                   "the scripted user, over the WebSocket; the server encodes its audio")
     args = p.parse_args()
+    if args.wav:
+        return asyncio.run(chat_wav(args.url, args.wav))
     return asyncio.run(chat(args.url, args.turns, args.transport))
 
 

@@ -132,6 +132,12 @@ class DMelStream:
         self._fb = mel_filterbank(spec)
         self._buf = np.zeros(spec.win - spec.hop)  # left context, then pending samples
 
+    def fork(self) -> "DMelStream":
+        """An independent copy of this stream's state: push into it, keep it only if the push is to stand."""
+        other = object.__new__(DMelStream)
+        other.spec, other._fb, other._buf = self.spec, self._fb, self._buf.copy()  # the filterbank is read-only
+        return other
+
     def push_log_mel(self, pcm) -> np.ndarray:
         """Log-mel [F, M] of every hop completed by `pcm`."""
         spec = self.spec

@@ -8,6 +8,8 @@ serves them over HTTP:
                                         -> {session_id}
     POST /microturn/append              {session_id, input_ids, output_budget?, return_logprob?, expected_length?}
                                         -> {output_ids, committed_length, finish_reason, timestamps, ...}
+                                        or {session_id, input: {audio?, text?}, ...}: the server encodes the
+                                        micro-turn (server/layout_turns.py); the reply adds input_ids, output
     POST /microturn/close               {session_id}  (idempotent)
     GET  /microturn/sessions/{id}       -> {state, length, appends, in_flight, last_activity}; ?tokens=1 adds
                                            the committed sequence
@@ -41,6 +43,7 @@ from starlette.exceptions import HTTPException
 
 from sglang_microturn import config
 from sglang_microturn.server.api_requests import parse_append, parse_close, parse_open
+from sglang_microturn.server.layout_turns import LayoutTurns, layout_of
 from sglang_microturn.server.realtime_admission import AdmissionGuard, AdmissionRefused, settings_from_env
 from sglang_microturn.server.realtime_deadlines import DuplexMetrics
 from sglang_microturn.server.session_registry import (
@@ -178,6 +181,7 @@ class MicroTurnAPI:
         self._backend: Backend | None = None
         self._registry: SessionRegistry | None = None
         self._metrics: DuplexMetrics | None = None
+        self._layout_turns: LayoutTurns | None = None
         self._reaper: asyncio.Task | None = None
         self.reap_in_background = False  # the server sets it (routes.install); tests drive sweeps themselves
         self.admission = AdmissionGuard(settings_from_env())
@@ -249,12 +253,24 @@ class MicroTurnAPI:
         return {"session_id": session.session_id, "kv_budget_free": self.registry.kv_budget_tokens
                 - self.registry.used_tokens()}
 
+    @property
+    def layout_turns(self) -> LayoutTurns:
+        if self._layout_turns is None:
+            self._layout_turns = LayoutTurns(layout_of(self.backend.tokenizer_manager))
+        return self._layout_turns
+
     async def append(self, body: dict, wait_disconnect: Callable[[], object] | None = None) -> dict:
         received = time.time()
         request = parse_append(body)
-        session_id, input_ids = request.session_id, request.input_ids
-        session, budget = self.registry.begin_append(session_id, input_ids, request.output_budget,
-                                                     request.expected_length)
+        session_id, input_ids, output_budget = request.session_id, request.input_ids, request.output_budget
+        built = None
+        if request.layout_input is not None:  # audio / text: the server builds the ids (server/layout_turns.py)
+            output_budget = self.layout_turns.output_budget(output_budget)
+            session = self.registry.get(session_id)
+            built = self.layout_turns.build(session.front_end, session.last_output if session.appends else None,
+                                            session.appends, request.layout_input)
+            input_ids = built.input_ids
+        session, budget = self.registry.begin_append(session_id, input_ids, output_budget, request.expected_length)
         try:
             final, disconnected = await self._run_turn(session, input_ids, budget, request.return_logprob,
                                                        wait_disconnect)
@@ -281,6 +297,10 @@ class MicroTurnAPI:
                               f"{len(session.tokens)} tokens, retry it")
         output_ids = list(final.get("output_ids") or [])
         self.registry.commit(session, input_ids, output_ids)
+        said = None
+        if built is not None:
+            said = self.layout_turns.output(built.front_end, output_ids)
+            session.front_end = built.front_end
         done = time.time()
         latency = done - received
         lateness, change = session.deadline.record(latency)
@@ -304,6 +324,9 @@ class MicroTurnAPI:
                            "first_token": meta.get("prefill_finished_time") if output_ids else None,
                            "done": done},
         }
+        if said is not None:
+            out["input_ids"] = input_ids  # what the server built: the client can rebuild the sequence
+            out["output"] = said
         if request.return_logprob:
             out["output_logprobs"] = [lp[0] for lp in meta.get("output_token_logprobs") or []]
         return out

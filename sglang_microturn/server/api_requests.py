@@ -16,11 +16,13 @@ import math
 from dataclasses import dataclass
 
 from sglang_microturn.config import MAX_DEADLINE_MS, MAX_IDLE_TIMEOUT_S
+from sglang_microturn.server.layout_turns import LayoutInput, parse_layout_input
 from sglang_microturn.server.session_registry import BadRequest, SessionOptions, shown
 
 OPEN_FIELDS = frozenset({"output_budget", "stop_ids", "idle_timeout", "temperature", "ignore_eos", "seed",
                          "deadline_ms"})
-APPEND_FIELDS = frozenset({"session_id", "input_ids", "output_budget", "return_logprob", "expected_length"})
+# An append carries its micro-turn as `input_ids`, or as `input` (audio and text: server/layout_turns.py).
+APPEND_FIELDS = frozenset({"session_id", "input_ids", "input", "output_budget", "return_logprob", "expected_length"})
 CLOSE_FIELDS = frozenset({"session_id"})
 MAX_SESSION_ID_CHARS = 128  # ours are 40 hex digits (session_registry.SESSION_ID_CHARS); SGLang's own are uuid4 hex
 MAX_OUTPUT_BUDGET = 1 << 20  # tokens of one micro-turn's output: far past any context length
@@ -52,7 +54,8 @@ _DECODER = json.JSONDecoder(parse_float=_parse_float, parse_constant=NonFinite)
 @dataclass(frozen=True)
 class AppendRequest:
     session_id: str
-    input_ids: list[int]
+    input_ids: list[int]  # empty when the micro-turn came as `layout_input`
+    layout_input: LayoutInput | None  # audio / text for the server to encode (None: input_ids)
     output_budget: int | None  # None: the session's own budget (resolved by the registry)
     return_logprob: bool
     expected_length: int | None
@@ -168,9 +171,13 @@ def parse_append(body: dict) -> AppendRequest:
     """The append's fields; a negative output budget is the registry's to refuse (with the chunk's checks)."""
     if not body.keys() <= APPEND_FIELDS:
         refuse_unknown_fields(body, APPEND_FIELDS, "an append")
+    given = body.get("input")
+    if given is not None and body.get("input_ids") is not None:
+        raise BadRequest("an append carries 'input_ids' or 'input' (audio / text), not both")
     return AppendRequest(
         session_id=parse_session_id(body),
-        input_ids=_int_list(body, "input_ids", required=True),
+        input_ids=_int_list(body, "input_ids", required=True) if given is None else [],
+        layout_input=None if given is None else parse_layout_input(given),
         output_budget=_at_most(_field(body, "output_budget", int), "output_budget", MAX_OUTPUT_BUDGET),
         return_logprob=_field(body, "return_logprob", bool, default=False),
         expected_length=_at_most(_non_negative(_field(body, "expected_length", int), "expected_length"),

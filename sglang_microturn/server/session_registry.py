@@ -134,6 +134,8 @@ class SessionRecord:
     last_activity: float = field(default_factory=time.monotonic)
     last_activity_unix: float = field(default_factory=time.time)
     deadline: DeadlineStats = field(init=False)
+    last_output: list[int] = field(default_factory=list)  # the last committed turn's output ids
+    front_end: object = None  # server/layout_turns.FrontEnd once a micro-turn came as audio / text
 
     def __post_init__(self):
         self.deadline = DeadlineStats(self.options.deadline_s)
@@ -293,6 +295,7 @@ class SessionRegistry:
         self._end(session)
         session.tokens.extend(input_ids)
         session.tokens.extend(output_ids)
+        session.last_output = list(output_ids)
         session.appends += 1
         if session.state is SessionState.OPEN:
             self._used += len(input_ids) + len(output_ids)

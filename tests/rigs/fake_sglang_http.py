@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import threading
 import time
+from dataclasses import asdict
 from http import HTTPStatus
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from sglang_microturn.cli.server_process import free_port
+from sglang_microturn.format.layout import LayoutSpec
 from sglang_microturn.server.routes import mount
 
 VOCAB = 1000
@@ -32,7 +34,9 @@ BOS = 0
 
 class FakeTokenizerManager:
     def __init__(self):
-        self.model_config = SimpleNamespace(vocab_size=VOCAB)
+        # what SGLang's ModelConfig holds: the vocabulary, and config.json (the default checkpoint's layout)
+        self.model_config = SimpleNamespace(vocab_size=VOCAB, hf_config=SimpleNamespace(
+            microturn_layout=asdict(LayoutSpec())))
         self.tokenizer = SimpleNamespace(bos_token_id=BOS)
         self.lengths: dict[str, int] = {}  # the scheduler's committed length per session
         self.closed_lengths: list[int] = []  # lengths of sessions at close

@@ -7,9 +7,9 @@ from sglang_microturn.server.session_registry import BadRequest
 
 
 def test_append_parses_to_a_typed_request_and_leaves_the_default_budget_to_the_registry():
-    assert parse_append({"session_id": "s", "input_ids": [1, 2]}) == AppendRequest("s", [1, 2], None, False, None)
+    assert parse_append({"session_id": "s", "input_ids": [1, 2]}) == AppendRequest("s", [1, 2], None, None, False, None)
     assert parse_append({"session_id": "s", "input_ids": [1], "output_budget": 0, "return_logprob": True,
-                         "expected_length": 4}) == AppendRequest("s", [1], 0, True, 4)
+                         "expected_length": 4}) == AppendRequest("s", [1], None, 0, True, 4)
 
 
 @pytest.mark.parametrize("body, message", [
