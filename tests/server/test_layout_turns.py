@@ -4,6 +4,7 @@ records the default layout."""
 
 import asyncio
 import base64
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -181,3 +182,19 @@ def test_over_the_websocket(tm, monkeypatch):
     assert first["input_ids"] == LAYOUT.append_ids(InputEvents(audio=stream.push(pcm[:N]), text="hi"), None, 0)
     assert second["input_ids"] == LAYOUT.append_ids(InputEvents(audio=stream.push(pcm[N:])), first["output_ids"], 1)
     assert second["committed_length"] == sum(len(r["input_ids"]) + len(r["output_ids"]) for r in (first, second))
+
+
+def test_the_layout_is_read_from_the_checkpoint_config_as_sglang_loads_it(tmp_path):
+    """SGLang's ModelConfig.hf_config is `get_config` of the checkpoint: our config.json's layout survives it."""
+    import json
+    from types import SimpleNamespace
+
+    from sglang.srt.utils.hf_transformers_utils import get_config
+
+    from sglang_microturn.model import checkpoints
+    from sglang_microturn.server.layout_turns import layout_of
+
+    spec = checkpoints.preset("small", layout=replace(SPEC, out_budget=12))
+    (tmp_path / "config.json").write_text(json.dumps(checkpoints.hf_config(spec, "small")))
+    hf_config = get_config(str(tmp_path), trust_remote_code=False)
+    assert layout_of(SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))).spec.out_budget == 12
