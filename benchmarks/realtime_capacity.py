@@ -36,6 +36,10 @@ checkpoint without its shared expert, so that upstream serves the same weights a
 Before its levels, each server first runs a "fresh server" check: --fresh-sessions (16) sessions for
 --fresh-seconds (10), nothing excluded as warm-up (what the first users of a just-started server get).
 GPU busy ratio: mean of nvidia-smi's utilization.gpu over the level / 100 (null without nvidia-smi).
+Server CPU per turn (`server_cpu_ms_per_turn`): CPU milliseconds each server process (the HTTP process, the
+scheduler, the detokenizer) spent over the level per answered turn, from /proc (benchmarks/server_cpu.py);
+for a server given by URL only with --server-pid-ours. Each level also gives the p50 of each output budget
+(`p50_by_budget_ms`: listening and speaking turns apart).
 
 The load generator shards the sessions over --client-procs processes, each with its own event loop and a
 keep-alive aiohttp connector, so at 256+ sessions the client is not what limits.
@@ -69,15 +73,16 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
 from tqdm import tqdm
 
+from benchmarks import server_cpu
+from benchmarks.run_record import write_result
 from benchmarks.servers import microturn_exe
 from benchmarks.workloads import stalls_between
-from benchmarks.run_record import write_result
 from sglang_microturn import protocol
 from sglang_microturn.client import MicroTurnClientError, MicroTurnWebSocket
 from sglang_microturn.patchset import patching
@@ -202,6 +207,9 @@ class TurnStats:
     turns_per_s: float  # counted turns answered 2xx, per second of the counted window
     output_tokens: int
     short_outputs: int  # answered turns with fewer or more outputs than their budget (ignore_eos: a bug)
+    # p50 of the counted turns of each output budget ("1": listening, "16": speaking in the default mix): a
+    # median moved by one kind of turn shows here
+    p50_by_budget_ms: dict[str, float | None] = field(default_factory=dict)
 
 
 def turn_stats(turns: list[TurnRecord], period_s: float, warmup_s: float, seconds: float) -> TurnStats:
@@ -227,6 +235,9 @@ def turn_stats(turns: list[TurnRecord], period_s: float, warmup_s: float, second
         turns_per_s=round(len(answered) / max(seconds - warmup_s, 1e-9), 1),
         output_tokens=sum(t.output_len for t in answered),
         short_outputs=sum(t.output_len != t.budget for t in answered),
+        p50_by_budget_ms={str(b): _ms(percentile(sorted(t.latency_ms for t in counted
+                                                        if t.budget == b and (t.ok or t.unsent)), 0.5))
+                          for b in sorted({t.budget for t in counted})},
     )
 
 
@@ -249,6 +260,9 @@ class LevelRecord(TurnStats):
     gc_pauses: int | None
     stalls: list[dict] | None
     gpu_busy_ratio: float | None
+    # CPU ms per answered turn of each server process over the level (benchmarks/server_cpu.py); None: the
+    # server was not started here (its processes are not known) or /proc is not there
+    server_cpu_ms_per_turn: dict[str, float] | None = None
 
     @property
     def passes(self) -> bool:
@@ -604,6 +618,7 @@ class Server:
     startup_s: float | None = None
     sglang_patches: dict[str, str] | None = None  # each of our patches' state in SGLang while it ran
     shutdown: dict | None = None
+    pid: int | None = None  # its HTTP process, when started here (benchmarks/server_cpu.py reads its tree)
 
 
 def stall_counts(server: Server, t0: float, t1: float) -> dict:
@@ -654,7 +669,8 @@ def serving(name: str, args) -> Iterator[Server]:
     """Server `name`: the running one given by --url-<name>, else one started fresh and stopped after."""
     url = getattr(args, f"url_{name}")
     if url:
-        yield Server(name, url.rstrip("/"), args.server_log_ours if name == "ours" else None, started_here=False)
+        yield Server(name, url.rstrip("/"), args.server_log_ours if name == "ours" else None, started_here=False,
+                     pid=args.server_pid_ours if name == "ours" else None)
         return
     argv, env = server_command(name, args, str(ensure_checkpoint(model_spec(args.preset))))
     log_path = os.path.join(args.log_dir, f"realtime_capacity_server_{name}.log")
@@ -663,7 +679,7 @@ def serving(name: str, args) -> Iterator[Server]:
     with pristine_sglang(target, patches) if pristine else contextlib.nullcontext():
         with ServerProcess(argv, args.port, log_path, env=env) as proc:
             server = Server(name, proc.url, log_path if name == "ours" else None, True, argv,
-                            round(proc.startup_s, 1), patch_states(target, patches))
+                            round(proc.startup_s, 1), patch_states(target, patches), pid=proc.proc.pid)
             yield server
     server.shutdown = proc.shutdown
 
@@ -684,10 +700,12 @@ def shard_jobs(server: Server, label: str, sessions: int, seconds: float, args, 
 def run_level(pool: ClientPool, server: Server, label: str, sessions: int, seconds: float, warmup_s: float,
               args, workload: Workload) -> LevelRecord:
     pool.open(shard_jobs(server, label, sessions, seconds, args, workload, pool.size))
+    cpu_before = server_cpu.cpu_seconds(server.pid) if server.pid else {}  # after the opens, before the turns
     start = time.time() + START_LEAD_S
     pool.start(start)
     busy = gpu_busy_ratio(start, start + seconds)
     shards = pool.results(timeout_s=seconds + args.drain_s + REQUEST_TIMEOUT_S + 60)
+    cpu_after = server_cpu.cpu_seconds(server.pid) if server.pid else {}  # the closes count in, a little
     turns = [t for s in shards for t in s.turns]
     stats = turn_stats(turns, workload.period_s, warmup_s, seconds)
     counts = [s.server_counts for s in shards if s.opened]
@@ -699,14 +717,16 @@ def run_level(pool: ClientPool, server: Server, label: str, sessions: int, secon
         errors=sum(s.open_errors for s in shards) + stats.turn_errors, seconds=seconds, warmup_s=warmup_s,
         server_misses=server_counts[0], server_turns=server_counts[1],
         **stall_counts(server, start, max((t.done for t in turns), default=start + seconds)),
-        gpu_busy_ratio=busy)
+        gpu_busy_ratio=busy,
+        server_cpu_ms_per_turn=server_cpu.per_turn_ms(cpu_before, cpu_after, sum(t.ok for t in turns)))
 
 
 def summary_line(r: LevelRecord) -> str:
     name = r.server if r.transport == "http" else f"{r.server}/{r.transport}"
     return (f"{name:8s} {r.sessions:4d} sessions ({r.admitted_sessions} admitted): p50 {r.p50_ms} p99 "
             f"{r.p99_ms} ms, miss {r.miss_rate}, {r.turns_per_s} turns/s, errors {r.errors}, compiles "
-            f"{r.compiles}, gc {r.gc_pauses}, gpu busy {r.gpu_busy_ratio}")
+            f"{r.compiles}, gc {r.gc_pauses}, gpu busy {r.gpu_busy_ratio}"
+            + (f", cpu ms/turn {r.server_cpu_ms_per_turn}" if r.server_cpu_ms_per_turn else ""))
 
 
 # ------------------------------------------------------------------------------------------ plot
@@ -840,6 +860,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url-ours", help="use this running server as ours instead of starting one")
     p.add_argument("--url-upstream", help="use this running server as upstream instead of starting one")
     p.add_argument("--server-log-ours", help="with --url-ours: that server's log, to read its stall lines")
+    p.add_argument("--server-pid-ours", type=int, help="with --url-ours: its HTTP process id, so that each "
+                   "level reports the CPU time a turn costs each of its processes")
     p.add_argument("--gateway-ours", action="store_true",
                    help="--url-ours is SGLang Model Gateway in front of workers (`sglang-microturn cluster`): calls "
                         "go in their gateway form, each session with its own routing key")

@@ -42,7 +42,7 @@ echo "=== all up after $SECONDS s"
 for i in "${!names[@]}"; do
   kill -0 "${pids[$i]}" 2>/dev/null || continue
   python3 -m benchmarks.realtime_capacity --servers ours --url-ours "http://127.0.0.1:${ports[$i]}" \
-    --server-log-ours "$outdir/server_${names[$i]}.log" --levels "$levels" --seconds 8 --drain-s 3 \
+    --server-log-ours "$outdir/server_${names[$i]}.log" --server-pid-ours "${pids[$i]}" --levels "$levels" --seconds 8 --drain-s 3 \
     --fresh-sessions 0 --stop-miss-rate 1 --client-procs 6 --out "$outdir/variant_${names[$i]}.json" 2>&1 \
     | grep -E "sessions \(|capacity"
 done

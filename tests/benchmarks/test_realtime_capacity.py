@@ -83,6 +83,8 @@ def test_a_turn_queued_behind_a_late_one_is_late_from_its_own_due_time():
     assert s.max_lateness_ms == 1800.0 and s.mean_lateness_ms == pytest.approx((250 + 100 + 1800) / 3, abs=0.01)
     assert s.output_tokens == 1 * 5 + 16 + 3 and s.short_outputs == 1
     assert s.turns_per_s == round(7 / 2.0, 1)
+    # listening (budget 1): 50, 450, 300, 150, 200 -> 200; the unsent budget-0 turn; speaking: 10, 10
+    assert s.p50_by_budget_ms == {"0": 2000.0, "1": 200.0, "16": 10.0}
 
 
 def test_turns_due_cover_the_level_and_no_more():
@@ -316,7 +318,8 @@ def run_script(*args, cwd=REPO):
 def test_both_servers_end_to_end_against_the_stand_in(stand_in, tmp_path):
     out = tmp_path / "result.json"
     proc = run_script("--url-ours", stand_in.url, "--url-upstream", stand_in.url,
-                      "--server-log-ours", str(stand_in.stall_log_path), "--levels", "4,1,8", "--seconds", "1",
+                      "--server-log-ours", str(stand_in.stall_log_path), "--server-pid-ours", str(os.getpid()),
+                      "--levels", "4,1,8", "--seconds", "1",
                       "--warmup-s", "0.2", "--period-ms", "100", "--client-procs", "2", "--fresh-sessions", "2",
                       "--fresh-seconds", "0.5", "--drain-s", "0.3", "--min-turns", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -337,8 +340,11 @@ def test_both_servers_end_to_end_against_the_stand_in(stand_in, tmp_path):
     assert (one["server_misses"], four["server_misses"] == four["server_turns"] > 0) == (0, True)
     assert one["server_turns"] == 10  # the server counts the warm-up turns too
     assert (one["gc_pauses"], four["gc_pauses"], one["compiles"]) == (1, 3, 0)  # each session's first append
+    # the stand-in serves from this test's process: its CPU per turn is read as ours' HTTP process's
+    assert one["server_cpu_ms_per_turn"]["http"] > 0 and set(one["p50_by_budget_ms"]) <= {"1", "16"}
     up = levels["upstream", 4]
     assert (up["admitted_sessions"], up["refused_opens"], up["server_misses"], up["gc_pauses"]) == (4, 0, None, None)
+    assert up["server_cpu_ms_per_turn"] is None  # given by URL without a pid
     assert up["miss_rate"] > 0.2
 
     assert set(result["fresh"]) == {"ours", "upstream"}
