@@ -60,6 +60,7 @@ ROUTES: dict[str, tuple[str, str]] = {
     "open": ("POST", "/microturn/open"),
     "append": ("POST", "/microturn/append"),
     "close": ("POST", "/microturn/close"),
+    "cancel": ("POST", "/microturn/cancel"),
     "status": ("GET", "/microturn/sessions/{session_id}"),
 }
 
@@ -101,10 +102,13 @@ def gateway_request(call: str, body: dict) -> tuple[str, str, dict]:
 #   input.append     {input_ids, output_budget?, return_logprob?, expected_length?} (HTTP append): one micro-turn;
 #                    or {input: {audio?, text?}, ...} instead of input_ids: the period's 16 kHz PCM (base64 of
 #                    little-endian int16) and typed text, encoded by the server (server/layout_turns.py)
+#   response.cancel  {} (HTTP cancel): barge-in: the running micro-turn stops generating; its response.done
+#                    follows with what it generated (finish_reason {"type": "cancelled"}), all committed
 #   session.close    {} (HTTP close)
 # Server events:
 #   session.created / session.resumed   {"session": {"id", "committed_length"}}
 #   response.done    the HTTP append's reply: {output_ids, committed_length, finish_reason, timestamps, ...}
+#   response.cancelled  the HTTP cancel's reply: {"session_id", "cancelled": whether a micro-turn was running}
 #   session.closed   the HTTP close's reply
 #   error            {"error": {"code": <HTTP status of the same error>, "type": <error name>, "message"}}:
 #                    nothing changed; the connection stays open
@@ -115,9 +119,11 @@ WS_SESSION_UPDATE = "session.update"
 WS_SESSION_RESUME = "session.resume"
 WS_INPUT_APPEND = "input.append"
 WS_SESSION_CLOSE = "session.close"
-WS_CLIENT_EVENTS = (WS_SESSION_UPDATE, WS_SESSION_RESUME, WS_INPUT_APPEND, WS_SESSION_CLOSE)
+WS_RESPONSE_CANCEL = "response.cancel"
+WS_CLIENT_EVENTS = (WS_SESSION_UPDATE, WS_SESSION_RESUME, WS_INPUT_APPEND, WS_RESPONSE_CANCEL, WS_SESSION_CLOSE)
 WS_SESSION_CREATED = "session.created"
 WS_SESSION_RESUMED = "session.resumed"
 WS_RESPONSE_DONE = "response.done"
 WS_SESSION_CLOSED = "session.closed"
+WS_RESPONSE_CANCELLED = "response.cancelled"
 WS_ERROR = "error"

@@ -10,6 +10,8 @@ serves them over HTTP:
                                         -> {output_ids, committed_length, finish_reason, timestamps, ...}
                                         or {session_id, input: {audio?, text?}, ...}: the server encodes the
                                         micro-turn (server/layout_turns.py); the reply adds input_ids, output
+    POST /microturn/cancel              {session_id} -> {cancelled}: the running micro-turn stops generating
+                                        and its append returns what it generated (barge-in)
     POST /microturn/close               {session_id}  (idempotent)
     GET  /microturn/sessions/{id}       -> {state, length, appends, in_flight, last_activity}; ?tokens=1 adds
                                            the committed sequence
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 
 from sglang_microturn import config
-from sglang_microturn.server.api_requests import parse_append, parse_close, parse_open
+from sglang_microturn.server.api_requests import parse_append, parse_cancel, parse_close, parse_open
 from sglang_microturn.server.layout_turns import LayoutTurns, layout_of
 from sglang_microturn.server.realtime_admission import AdmissionGuard, AdmissionRefused, settings_from_env
 from sglang_microturn.server.realtime_deadlines import DuplexMetrics
@@ -53,6 +55,7 @@ from sglang_microturn.server.session_registry import (
     ServerError,
     SessionGone,
     SessionRegistry,
+    SessionState,
     TurnAborted,
     shown,
 )
@@ -127,6 +130,14 @@ def decode_turn(final: dict, disconnected: bool, session_id: str = "") -> tuple[
     if status == 400:
         return Verdict.REFUSED, message, status
     return Verdict.ABORTED, message, status
+
+
+def finish_now(tokenizer_manager, rid: str) -> None:
+    """Tell the scheduler to stop request `rid` and keep its output (AbortReq(finish_now=True), patch 0012),
+    sent the way the tokenizer manager sends its aborts. Not `abort_request`: that marks the request aborted."""
+    from sglang.srt.managers.io_struct import AbortReq, sock_send
+
+    sock_send(tokenizer_manager.send_to_scheduler, AbortReq(rid=rid, finish_now=True))
 
 
 def final_of_raised(error: Exception) -> dict:
@@ -357,6 +368,7 @@ class MicroTurnAPI:
         )
         tm = self.backend.tokenizer_manager
         final = None
+        session.running_rid = rid
 
         async def consume():
             nonlocal final
@@ -375,11 +387,25 @@ class MicroTurnAPI:
                     tm.abort_request(rid)
             await turn
         finally:
+            session.running_rid = None
             if watcher is not None:
                 watcher.cancel()
         if final is None:
             raise MicroTurnError("SGLang returned no output for the append")
         return final, disconnected
+
+    async def cancel(self, body: dict) -> dict:
+        """Barge-in: the session's running micro-turn stops generating (patch 0012); its append then returns
+        normally with what it generated (finish_reason {"type": "cancelled"}), all of it committed. A turn
+        still queued runs its prefill and stops after one token. Nothing running: cancelled false."""
+        session_id = parse_cancel(body)
+        session = self.registry.get(session_id)
+        if session.state is not SessionState.OPEN:
+            raise SessionGone(f"session {session_id} is {session.state.value}")
+        rid = session.running_rid
+        if rid is not None:
+            finish_now(self.backend.tokenizer_manager, rid)
+        return {"session_id": session_id, "cancelled": rid is not None}
 
     async def close(self, body: dict) -> dict:
         from sglang.srt.managers.io_struct import CloseSessionReqInput

@@ -137,6 +137,11 @@ def parse_close(body: dict) -> str:
     return parse_session_id(body)
 
 
+def parse_cancel(body: dict) -> str:
+    refuse_unknown_fields(body, CLOSE_FIELDS, "a cancel")
+    return parse_session_id(body)
+
+
 def parse_open(body: dict, vocab_size: int, deadline_ms: float = 200.0,
                idle_timeout_s: float | None = None) -> SessionOptions:
     """`deadline_ms` / `idle_timeout_s`: the server's defaults (MICROTURN_DEADLINE_MS, MICROTURN_IDLE_TIMEOUT_S;

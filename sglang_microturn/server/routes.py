@@ -217,6 +217,9 @@ def build_router(api: MicroTurnAPI, authorized: Callable[[str | None], bool] = w
     async def close(request: Request):
         return await guarded(lambda: _with_body(request, api.close))
 
+    async def cancel(request: Request):
+        return await guarded(lambda: _with_body(request, api.cancel))
+
     async def status(request: Request):
         async def run():
             tokens = request.query_params.get("tokens", "0").lower() in ("1", "true", "yes", "on")
@@ -234,6 +237,7 @@ def build_router(api: MicroTurnAPI, authorized: Callable[[str | None], bool] = w
         Route(f"{PREFIX}/open", open_session, methods=["POST"]),
         Route(f"{PREFIX}/append", append, methods=["POST"]),
         Route(f"{PREFIX}/close", close, methods=["POST"]),
+        Route(f"{PREFIX}/cancel", cancel, methods=["POST"]),
         Route(f"{PREFIX}/sessions/{{session_id}}", status, methods=["GET"]),
         WebSocketRoute(protocol.WS_PATH, ws_transport.endpoint(api, body_limit, authorized, error_reply)),
     ], default=not_found)
@@ -293,4 +297,4 @@ def install() -> str:
 
     warmup = realtime_warmup.install(lambda: api)  # before registering: a bad setting registers nothing
     HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", before_http_launch, HookType.BEFORE)
-    return f"HTTP API {PREFIX}/{{open,append,close,sessions}}, WebSocket {protocol.WS_PATH}; {warmup}"
+    return f"HTTP API {PREFIX}/{{open,append,cancel,close,sessions}}, WebSocket {protocol.WS_PATH}; {warmup}"

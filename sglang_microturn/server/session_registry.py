@@ -130,6 +130,7 @@ class SessionRecord:
     tokens: list[int] = field(default_factory=list)  # the committed sequence
     state: SessionState = SessionState.OPEN
     in_flight_reserve: int = 0  # KV tokens reserved by the running append (0 = none running)
+    running_rid: str | None = None  # SGLang's request id of the running append (cancel stops it)
     appends: int = 0
     last_activity: float = field(default_factory=time.monotonic)
     last_activity_unix: float = field(default_factory=time.time)

@@ -109,6 +109,11 @@ class SocketSession:
             self.turns.add(task)
             task.add_done_callback(self.turns.discard)
             return
+        if kind == protocol.WS_RESPONSE_CANCEL:
+            refuse_unknown_fields(fields, frozenset(), kind)
+            reply = await self.api.cancel({"session_id": self._attached(kind)})
+            await self.send(_reply(protocol.WS_RESPONSE_CANCELLED, event_id, **reply))
+            return
         if kind == protocol.WS_SESSION_CLOSE:
             refuse_unknown_fields(fields, frozenset(), kind)
             reply = await self.api.close({"session_id": self._attached(kind)})

@@ -43,6 +43,7 @@ class FakeTokenizerManager:
         self.timeouts: dict[str, float] = {}
         self.hold = None  # a threading.Event: appends wait for it (or an abort) before finishing
         self.aborted: set[str] = set()
+        self.finish_now: set[str] = set()  # rids told to stop and keep their output (patch 0012)
         self.running = threading.Event()
         self.abort_next = None  # (message, HTTPStatus or None): the next turn ends with this FINISH_ABORT
         self.closed_by_sglang: list[str] = []
@@ -61,6 +62,29 @@ class FakeTokenizerManager:
 
     def abort_request(self, rid):
         self.aborted.add(rid)
+
+    @property
+    def send_to_scheduler(self):
+        """The scheduler's end of SGLang's IPC, for what the API sends there itself (AbortReq(finish_now)):
+        decoded as SGLang's scheduler decodes it."""
+        fake = self
+
+        class Socket:
+            def send_pyobj(self, obj, flags=0, protocol=None):
+                fake._to_scheduler(obj)
+
+            def send(self, data, flags=0):
+                from sglang.srt.managers.io_struct import msgpack_decode
+
+                fake._to_scheduler(msgpack_decode(data))
+
+        return Socket()
+
+    def _to_scheduler(self, obj):
+        from sglang.srt.managers.io_struct import AbortReq
+
+        assert isinstance(obj, AbortReq) and obj.finish_now, obj
+        self.finish_now.add(obj.rid)
 
     async def _sglang_abort(self, obj, message, status):
         """The last output of a turn SGLang's scheduler finished with FINISH_ABORT(message, status), as its
@@ -88,18 +112,21 @@ class FakeTokenizerManager:
             return
         self.running.set()
         if self.hold is not None:
-            while not self.hold.is_set() and obj.rid not in self.aborted:
+            while not self.hold.is_set() and obj.rid not in self.aborted and obj.rid not in self.finish_now:
                 await asyncio.sleep(0.005)
         if obj.rid in self.aborted:  # patch 0003: the session rolls back to its committed length
             yield self._final(obj, self.lengths[sid] + len(obj.input_ids), [], {"type": "abort", "message": "Abort"})
             return
+        reason = {"type": "length", "length": n_out}
+        if obj.rid in self.finish_now:  # stopped after its first token, as a queued turn is (patch 0012)
+            n_out, reason = min(n_out, 1), {"type": "cancelled"}
         out = [(7 * (self.lengths[sid] + i)) % VOCAB for i in range(n_out)]
         obj.prefill_done_at = time.time()
         for k in range(1, n_out if obj.stream else 0):
             yield {"output_ids": out[:k], "meta_info": {"finish_reason": None}}
         prompt = self.lengths[sid] + len(obj.input_ids)
         self.lengths[sid] = prompt + n_out
-        yield self._final(obj, prompt, out, {"type": "length", "length": n_out})
+        yield self._final(obj, prompt, out, reason)
 
     @staticmethod
     def _final(obj, prompt, out, reason):

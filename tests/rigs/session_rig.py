@@ -221,6 +221,23 @@ class SessionRig:
         return sent
 
     @staticmethod
+    def finish_now(req, queued: bool) -> None:
+        """The real `Scheduler.abort_request` with AbortReq(finish_now=True) (patch 0012) for `req`, queued or
+        running, on a stand-in scheduler. Raises TypeError where AbortReq has no finish_now (SGLang as shipped)."""
+        from sglang.srt.managers.io_struct import AbortReq
+        from sglang.srt.managers.scheduler import Scheduler
+
+        recv = AbortReq(rid=req.rid, finish_now=True)
+        waiting = [req] if queued else []
+        scheduler = SimpleNamespace(
+            chunked_req=None, waiting_queue=waiting, ps=SimpleNamespace(pp_size=1),
+            running_batch=None if queued else SimpleNamespace(reqs=[req]), last_batch=None,
+        )
+        scheduler._finish_requests_now = lambda r: Scheduler._finish_requests_now(scheduler, r)
+        Scheduler.abort_request(scheduler, recv)
+        assert scheduler.waiting_queue == waiting  # a queued request keeps its place
+
+    @staticmethod
     def abort_running(req) -> None:
         """`Scheduler.abort_request` for a running request ("abort method 3"): it finishes at its next step."""
         from sglang.srt.managers.schedule_batch import FINISH_ABORT

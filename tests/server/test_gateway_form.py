@@ -64,7 +64,7 @@ def test_errors_in_the_gateway_form_are_the_routes_errors(client):
 
 
 @pytest.mark.parametrize("envelope,match", [
-    ({"op": "delete"}, '"op" is one of open, append, close, status'),
+    ({"op": "delete"}, '"op" is one of open, append, close, cancel, status'),
     ([1, 2], "must be an object"),
     ({"op": "status"}, "needs a session_id"),
     ({"op": "status", "session_id": "x", "verbose": 1}, "unknown field(s) for status: verbose"),

@@ -587,3 +587,37 @@ def test_the_launch_hook_refuses_multi_tokenizer_mode_before_mounting(monkeypatc
 def test_a_non_json_body_is_400_in_our_shape_never_a_422(client):
     r = client.post("/microturn/open", data={"output_budget": "3"})  # a form, not JSON
     assert r.status_code == 400 and r.json()["error"]["code"] == 400 and "not valid JSON" in r.text
+
+
+def test_cancel_stops_the_running_turn_and_keeps_what_it_generated(api, client, tm):
+    """Barge-in: the running append returns with the output it has (finish_reason cancelled), all committed;
+    the request went to the scheduler as AbortReq(finish_now=True) through SGLang's own wire encoding."""
+    sid = open_session(client, output_budget=8)
+    append(client, sid, [5])  # 1 + 8 = 9 committed
+    tm.hold = threading.Event()  # never set: only the cancel ends this turn
+    tm.running.clear()
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("turn", append(client, sid, [6, 7])))
+    t.start()
+    assert tm.running.wait(5)
+    r = client.post("/microturn/cancel", json={"session_id": sid})
+    assert r.status_code == 200 and r.json() == {"session_id": sid, "cancelled": True}
+    t.join(5)
+    turn = results["turn"].json()
+    assert turn["finish_reason"] == {"type": "cancelled"} and len(turn["output_ids"]) == 1
+    assert turn["committed_length"] == 9 + 2 + 1 == state(client, sid)["length"] == tm.lengths[sid]
+    assert not tm.aborted and len(tm.finish_now) == 1  # stopped, not aborted: nothing rolled back
+    tm.hold = None
+    assert append(client, sid, [8]).json()["committed_length"] == 12 + 1 + 8
+
+
+def test_cancel_with_nothing_running_changes_nothing(client, tm):
+    sid = open_session(client, output_budget=2)
+    append(client, sid, [5])
+    r = client.post("/microturn/cancel", json={"session_id": sid})
+    assert r.json() == {"session_id": sid, "cancelled": False} and not tm.finish_now
+    assert state(client, sid)["length"] == 3
+    assert client.post("/microturn/cancel", json={"session_id": sid[:8] + "0" * 32}).status_code == 404
+    assert client.post("/microturn/cancel", json={"session_id": sid, "x": 1}).status_code == 400
+    client.post("/microturn/close", json={"session_id": sid})
+    assert client.post("/microturn/cancel", json={"session_id": sid}).status_code == 410

@@ -217,3 +217,31 @@ def test_an_append_naming_a_session_is_refused(server):
 
 def test_payload_error_type_is_exported():
     assert PayloadTooLargeError.status == 413
+
+
+def test_response_cancel_stops_the_running_turn_and_its_output_stays(server):
+    """Barge-in over the WebSocket: response.cancel while a turn runs is acknowledged, and the turn's
+    response.done follows with what it generated (finish_reason cancelled), committed."""
+    url, tm = server
+    tm.hold = threading.Event()  # never set: only the cancel ends the turn
+
+    async def go():
+        async with websockets.connect(ws_url(url)) as c:
+            await c.send(json.dumps({"type": protocol.WS_SESSION_UPDATE, "session": {"output_budget": 8}}))
+            created = json.loads(await c.recv())
+            tm.running.clear()
+            await c.send(json.dumps({"type": protocol.WS_INPUT_APPEND, "event_id": "a1", "input_ids": [10, 11]}))
+            assert await asyncio.to_thread(tm.running.wait, 5)
+            await c.send(json.dumps({"type": protocol.WS_RESPONSE_CANCEL, "event_id": "c1"}))
+            events = {e["in_reply_to"]: e for e in [json.loads(await asyncio.wait_for(c.recv(), 5)) for _ in "ab"]}
+            await c.send(json.dumps({"type": protocol.WS_RESPONSE_CANCEL, "event_id": "c2"}))
+            events["c2"] = json.loads(await asyncio.wait_for(c.recv(), 5))
+            return created["session"]["id"], events
+
+    sid, events = run(go())
+    assert events["c1"] == {"type": protocol.WS_RESPONSE_CANCELLED, "in_reply_to": "c1", "session_id": sid,
+                            "cancelled": True}
+    done = events["a1"]
+    assert done["type"] == protocol.WS_RESPONSE_DONE and done["finish_reason"] == {"type": "cancelled"}
+    assert done["committed_length"] == 2 + 1 == tm.lengths[sid] and not tm.aborted
+    assert events["c2"]["cancelled"] is False  # nothing running any more
