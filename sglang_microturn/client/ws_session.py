@@ -9,8 +9,9 @@
 Appends are sent one at a time, each with the committed length this session last saw as `expected_length`, so
 an append resent after a dropped connection applies at most once (a LengthMismatchError then carries the
 server's length). An `error` event raises the typed error of its HTTP status (client/errors.py), as the HTTP
-client does. A dropped connection raises ConnectionLostError; the session stays open on the server for its
-idle timeout.
+client does. Every request carries an event_id and a reader task hands each server event to the request it
+answers, so `cancel()` (barge-in) can go while an append waits. A dropped connection raises
+ConnectionLostError; the session stays open on the server for its idle timeout.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+import itertools
 import json
 import numbers
 import sys
@@ -53,7 +55,10 @@ class MicroTurnWebSocket:
     def __init__(self, connection, session_id: str, committed_length: int, timeout_s: float):
         self.connection, self.session_id, self.committed_length = connection, session_id, committed_length
         self.timeout_s = timeout_s
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one micro-turn at a time; a cancel goes beside it
+        self._pending: dict[str, asyncio.Future] = {}  # event_id -> the server event answering it
+        self._ids = itertools.count()
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
     @classmethod
     async def _connect(cls, base_url: str, api_key: str | None, timeout_s: float):
@@ -114,22 +119,68 @@ class MicroTurnWebSocket:
         event = {"type": protocol.WS_INPUT_APPEND, **fields, "return_logprob": return_logprob,
                  "expected_length": self.committed_length if expected_length is None else expected_length}
         async with self._lock:
-            reply = await _exchange(self.connection, event, protocol.WS_RESPONSE_DONE, self.timeout_s)
+            reply = await self._request(event, protocol.WS_RESPONSE_DONE)
             self.committed_length = reply["committed_length"]
         return reply
+
+    async def cancel(self) -> bool:
+        """Barge-in: stop the running micro-turn (call it while an append awaits, from another task); that
+        append then returns what was generated, committed (finish_reason cancelled). False: nothing ran."""
+        reply = await self._request({"type": protocol.WS_RESPONSE_CANCEL}, protocol.WS_RESPONSE_CANCELLED)
+        return bool(reply["cancelled"])
 
     async def close(self) -> dict:
         """Close the session on the server, then the connection."""
         try:
             async with self._lock:
-                return await _exchange(self.connection, {"type": protocol.WS_SESSION_CLOSE},
-                                       protocol.WS_SESSION_CLOSED, self.timeout_s)
+                return await self._request({"type": protocol.WS_SESSION_CLOSE}, protocol.WS_SESSION_CLOSED)
         finally:
-            await self.connection.close()
+            await self.disconnect()
 
     async def disconnect(self) -> None:
         """Drop the connection and keep the session (resume it with `resume`)."""
+        self._reader.cancel()
+        self._fail_pending(ConnectionLostError("disconnected by this client"))
         await self.connection.close()
+
+    async def _request(self, event: dict, expect: str) -> dict:
+        """Send `event` with an event_id of its own; return the server event that answers it."""
+        event_id = f"c{next(self._ids)}"
+        future = self._pending[event_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self.connection.send(json.dumps({**event, "event_id": event_id}))
+            raw = await asyncio.wait_for(future, self.timeout_s)
+        except asyncio.TimeoutError as e:
+            raise RequestTimeoutError(f"no reply to {event['type']} within {self.timeout_s} s") from e
+        except websockets.ConnectionClosed as e:
+            raise ConnectionLostError(f"the connection closed before the reply to {event['type']}: {e}") from e
+        finally:
+            self._pending.pop(event_id, None)
+        return _checked(raw, event, expect)
+
+    async def _read_replies(self) -> None:
+        """Hand each server event to the request it answers (`in_reply_to`); a lost connection or an event
+        that answers nothing we asked fails every request waiting."""
+        try:
+            async for raw in self.connection:
+                try:
+                    key = json.loads(raw).get("in_reply_to")
+                except (TypeError, ValueError, AttributeError):
+                    key = None
+                future = self._pending.get(key) if isinstance(key, str) else None
+                if future is None:
+                    self._fail_pending(ProtocolError(f"a server event that answers no request: {raw[:200]!r}"))
+                elif not future.done():
+                    future.set_result(raw)
+            failure: Exception = ConnectionLostError("the server closed the connection")
+        except websockets.ConnectionClosed as e:
+            failure = ConnectionLostError(f"the connection closed: {e}")
+        self._fail_pending(failure)
+
+    def _fail_pending(self, error: Exception) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
 
     async def __aenter__(self) -> MicroTurnWebSocket:
         return self
@@ -139,7 +190,8 @@ class MicroTurnWebSocket:
 
 
 async def _exchange(connection, event: dict, expect: str, timeout_s: float) -> dict:
-    """Send `event` and return the server event that answers it (type `expect`), or raise its error."""
+    """Send `event` and return the next server event, which must answer it (type `expect`), or raise its error:
+    attaching, before anything else is in flight on the connection."""
     try:
         await connection.send(json.dumps(event))
         raw = await asyncio.wait_for(connection.recv(), timeout_s)
@@ -147,6 +199,11 @@ async def _exchange(connection, event: dict, expect: str, timeout_s: float) -> d
         raise RequestTimeoutError(f"no reply to {event['type']} within {timeout_s} s") from e
     except websockets.ConnectionClosed as e:
         raise ConnectionLostError(f"the connection closed before the reply to {event['type']}: {e}") from e
+    return _checked(raw, event, expect)
+
+
+def _checked(raw, event: dict, expect: str) -> dict:
+    """The server event `raw` answering `event`: of type `expect`, or its error raised as the HTTP client's."""
     try:
         reply = json.loads(raw)
     except (TypeError, ValueError):

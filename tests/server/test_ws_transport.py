@@ -245,3 +245,21 @@ def test_response_cancel_stops_the_running_turn_and_its_output_stays(server):
     assert done["type"] == protocol.WS_RESPONSE_DONE and done["finish_reason"] == {"type": "cancelled"}
     assert done["committed_length"] == 2 + 1 == tm.lengths[sid] and not tm.aborted
     assert events["c2"]["cancelled"] is False  # nothing running any more
+
+
+def test_the_client_cancels_while_its_append_waits(server):
+    url, tm = server
+    tm.hold = threading.Event()
+
+    async def go():
+        async with await MicroTurnWebSocket.open(url, output_budget=8) as ws:
+            tm.running.clear()
+            turn = asyncio.ensure_future(ws.append([10, 11]))
+            assert await asyncio.to_thread(tm.running.wait, 5)
+            cancelled = await ws.cancel()
+            reply = await turn
+            return cancelled, reply, await ws.cancel(), ws.committed_length
+
+    cancelled, reply, again, length = run(go())
+    assert cancelled and reply["finish_reason"] == {"type": "cancelled"} and len(reply["output_ids"]) == 1
+    assert again is False and length == 3
