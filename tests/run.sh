@@ -15,6 +15,10 @@ if ! { [ -f "$STAMP" ] && sha256sum --quiet -c "$STAMP" >/dev/null 2>&1; }; then
   "$VENV/bin/python" -m pip install -q --no-deps -r "$LOCK"
   sha256sum "$LOCK" > "$STAMP"
 fi
+# The browser console's test drives headless Chromium (tests/server/test_console.py); it skips without one.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q chromium >/dev/null 2>&1 || echo "note: could not install chromium: the console test will skip"
+fi
 "$VENV/bin/python" -m pip install -q --no-deps -e .
 "$VENV/bin/sglang-microturn" patch apply >/dev/null
 exec "$VENV/bin/python" -m pytest "$@"

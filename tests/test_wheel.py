@@ -34,6 +34,7 @@ def test_the_wheel_carries_the_patches_the_example_and_the_entry_points(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert PATCHES and {f"sglang_microturn/patchset/patches/{p}" for p in PATCHES} <= names
     assert "sglang_microturn/examples/duplex_chat.py" in names
+    assert "sglang_microturn/examples/web/console.html" in names  # served at /microturn/console
     assert "microturn_kernels/aligned_attention.py" in names
     (ep,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     entry_points = configparser.ConfigParser()

@@ -1,6 +1,7 @@
 """The /microturn routes in SGLang's HTTP server process: an ASGI front ahead of SGLang's FastAPI app, the
-four HTTP routes it serves (also in their gateway form on POST /generate, sglang_microturn/protocol.py) and
-WS /microturn/ws (server/ws_transport.py), the error shape both share, and the plugin hook that mounts them.
+HTTP routes it serves (also in their gateway form on POST /generate, sglang_microturn/protocol.py), WS
+/microturn/ws (server/ws_transport.py), the browser console page (server/console_page.py), the error shape
+they share, and the plugin hook that mounts them.
 
 Every error a /microturn route answers, whatever raised it (a domain error, SGLang's HTTPExceptions, a
 body over MICROTURN_MAX_BODY_BYTES, a bug), is JSON `{"error": {"code", "message"}}` with the status
@@ -19,11 +20,11 @@ from collections.abc import Callable
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route, Router, WebSocketRoute
 
 from sglang_microturn import config, protocol
-from sglang_microturn.server import ws_transport
+from sglang_microturn.server import console_page, ws_transport
 from sglang_microturn.server.api_handlers import Backend, MicroTurnAPI
 from sglang_microturn.server.api_requests import parse_json_body
 from sglang_microturn.server.session_registry import MicroTurnError, OverCapacity, PayloadTooLarge, shown
@@ -227,6 +228,12 @@ def build_router(api: MicroTurnAPI, authorized: Callable[[str | None], bool] = w
 
         return await guarded(run)
 
+    async def console(request: Request):
+        try:
+            return HTMLResponse(console_page.page(api.layout_turns.layout))
+        except Exception as e:
+            return _error(*error_reply(e, "the console"))
+
     async def _with_body(request, handler):
         return await handler(await json_body(request))
 
@@ -239,6 +246,7 @@ def build_router(api: MicroTurnAPI, authorized: Callable[[str | None], bool] = w
         Route(f"{PREFIX}/close", close, methods=["POST"]),
         Route(f"{PREFIX}/cancel", cancel, methods=["POST"]),
         Route(f"{PREFIX}/sessions/{{session_id}}", status, methods=["GET"]),
+        Route(console_page.PATH, console, methods=["GET"]),
         WebSocketRoute(protocol.WS_PATH, ws_transport.endpoint(api, body_limit, authorized, error_reply)),
     ], default=not_found)
 
@@ -297,4 +305,5 @@ def install() -> str:
 
     warmup = realtime_warmup.install(lambda: api)  # before registering: a bad setting registers nothing
     HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", before_http_launch, HookType.BEFORE)
-    return f"HTTP API {PREFIX}/{{open,append,cancel,close,sessions}}, WebSocket {protocol.WS_PATH}; {warmup}"
+    return (f"HTTP API {PREFIX}/{{open,append,cancel,close,sessions}}, WebSocket {protocol.WS_PATH}, console "
+            f"{console_page.PATH}; {warmup}")
