@@ -27,7 +27,9 @@ checkpoint without its shared expert, so that upstream serves the same weights a
             warm-up turns too); Triton compiles and long GC pauses come from its stall log. With --transport ws
             each session is one WebSocket (WS /microturn/ws: session.update, then one input.append per turn with
             expected_length, session.close) instead of an HTTP request per call; the deadline counts are still
-            read over HTTP. Not through a gateway (--gateway-ours): SGLang Model Gateway forwards no WebSocket
+            read over HTTP. --transport http,ws measures ours over both in turn on the one server (its fresh
+            check over the first), as the series "ours" and "ours/ws", each with its server CPU per turn.
+            Not through a gateway (--gateway-ours): SGLang Model Gateway forwards no WebSocket
   upstream  unpatched SGLang 0.5.17 (`python -m sglang.launch_server`, no plugin, Triton attention, pytorch
             sampling, + --upstream-flags): /open_session + /generate with session_params. Our patches are
             reverted in the installed SGLang while it runs and re-applied after it stops (--upstream-sglang
@@ -432,8 +434,14 @@ def session_type(server: str, transport: str) -> type:
     return OursWsSession if server == "ours" and transport == "ws" else SESSION_TYPES[server]
 
 
-def transport_of(server: str, args) -> str:
-    return args.transport if server == "ours" else "http"
+def transports_of(server: str, args) -> list[str]:
+    """The transports a server is measured over, in turn: ours over each of --transport, upstream over HTTP."""
+    return args.transports if server == "ours" else ["http"]
+
+
+def series(server: str, transport: str) -> str:
+    """A measured series' name: the server, with its transport when that is not HTTP ("ours/ws")."""
+    return server if transport == "http" else f"{server}/{transport}"
 
 
 async def pace(send: Callable[[], Awaitable[tuple[int, int, int]]], first_due: float, turns: int, period_s: float,
@@ -688,18 +696,18 @@ def serving(name: str, args) -> Iterator[Server]:
 
 
 def shard_jobs(server: Server, label: str, sessions: int, seconds: float, args, workload: Workload,
-               procs: int) -> list[ShardJob]:
+               procs: int, transport: str) -> list[ShardJob]:
     """The level's sessions with their random phases, dealt round robin over `procs` client processes."""
     rng = random.Random(f"{args.seed}:{label}:phases")
     plans = [SessionPlan(i, rng.random() * workload.period_s) for i in range(sessions)]
     gateway = server.name == "ours" and args.gateway_ours
     return [ShardJob(server.name, server.url, f"{args.seed}:{label}", plans[p::procs], seconds, args.drain_s,
-                     workload, gateway, transport_of(server.name, args)) for p in range(procs)]
+                     workload, gateway, transport) for p in range(procs)]
 
 
 def run_level(pool: ClientPool, server: Server, label: str, sessions: int, seconds: float, warmup_s: float,
-              args, workload: Workload) -> LevelRecord:
-    pool.open(shard_jobs(server, label, sessions, seconds, args, workload, pool.size))
+              args, workload: Workload, transport: str = "http") -> LevelRecord:
+    pool.open(shard_jobs(server, label, sessions, seconds, args, workload, pool.size, transport))
     cpu_before = server_cpu.cpu_seconds(server.pid) if server.pid else {}  # after the opens, before the turns
     start = time.time() + START_LEAD_S
     pool.start(start)
@@ -711,7 +719,7 @@ def run_level(pool: ClientPool, server: Server, label: str, sessions: int, secon
     counts = [s.server_counts for s in shards if s.opened]
     server_counts = (None, None) if not counts or None in counts else tuple(map(sum, zip(*counts)))
     return LevelRecord(
-        **asdict(stats), server=server.name, transport=transport_of(server.name, args), sessions=sessions,
+        **asdict(stats), server=server.name, transport=transport, sessions=sessions,
         admitted_sessions=sum(s.opened for s in shards),
         refused_opens=sum(s.refused for s in shards),
         errors=sum(s.open_errors for s in shards) + stats.turn_errors, seconds=seconds, warmup_s=warmup_s,
@@ -722,7 +730,7 @@ def run_level(pool: ClientPool, server: Server, label: str, sessions: int, secon
 
 
 def summary_line(r: LevelRecord) -> str:
-    name = r.server if r.transport == "http" else f"{r.server}/{r.transport}"
+    name = series(r.server, r.transport)
     return (f"{name:8s} {r.sessions:4d} sessions ({r.admitted_sessions} admitted): p50 {r.p50_ms} p99 "
             f"{r.p99_ms} ms, miss {r.miss_rate}, {r.turns_per_s} turns/s, errors {r.errors}, compiles "
             f"{r.compiles}, gc {r.gc_pauses}, gpu busy {r.gpu_busy_ratio}"
@@ -745,9 +753,12 @@ def plot(result_path: str | os.PathLike) -> Path | None:
         return None
     result = json.loads(Path(result_path).read_text())
     fig, (lat, miss) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in dict.fromkeys(level["server"] for level in result["levels"]):
+    def series_of(level: dict) -> str:
+        return series(level["server"], level.get("transport", "http"))
+
+    for name in dict.fromkeys(series_of(level) for level in result["levels"]):
         # A level whose every open was refused measured nothing: no point, rather than a 0 % miss rate.
-        rows = sorted((lv for lv in result["levels"] if lv["server"] == name and lv["miss_rate"] is not None),
+        rows = sorted((lv for lv in result["levels"] if series_of(lv) == name and lv["miss_rate"] is not None),
                       key=lambda lv: lv["sessions"])
         x = [lv["sessions"] for lv in rows]
         label = f"{name} (capacity {result['capacity_sessions'].get(name)})"
@@ -819,6 +830,14 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def _transports(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(t not in TRANSPORTS for t in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--transport takes one or more of {', '.join(TRANSPORTS)}, comma-separated,"
+                                         f" got {text!r}")
+    return names
+
+
 def _servers(text: str) -> list[str]:
     names = text.split(",")
     if not names or any(n not in SERVERS for n in names):
@@ -850,9 +869,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh-sessions", type=int, default=16, help="0 skips the fresh-server check")
     p.add_argument("--fresh-seconds", type=float, default=10.0)
     p.add_argument("--client-procs", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--transport", choices=TRANSPORTS, default="http",
-                   help="how ours is driven: http (a request per call) or ws (one WS /microturn/ws connection per "
-                        "session); upstream is always HTTP")
+    p.add_argument("--transport", type=_transports, default=["http"],
+                   help="how ours is driven: http (a request per call), ws (one WS /microturn/ws connection per "
+                        "session), or http,ws (both in turn on the one server); upstream is always HTTP")
     p.add_argument("--ours-flags", default="", help="extra flags for `sglang-microturn serve`, one string")
     p.add_argument("--upstream-flags", default="", help="extra flags for upstream's launch_server, one string")
     p.add_argument("--upstream-sglang", choices=["pristine", "installed"], default="pristine",
@@ -876,7 +895,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--client-procs must be >= 1, got {args.client_procs}")
     if args.gateway_ours and not args.url_ours:
         p.error("--gateway-ours needs --url-ours (the gateway's URL)")
-    if args.gateway_ours and args.transport == "ws":
+    args.transports = args.transport
+    if args.gateway_ours and "ws" in args.transports:
         p.error("--transport ws cannot go through --gateway-ours: SGLang Model Gateway forwards no WebSocket; "
                 "point --url-ours at a worker, or use --transport http")
     if args.merge and not args.out:
@@ -899,29 +919,33 @@ def main(argv: list[str] | None = None) -> int:
     spec = model_spec(args.preset)
     workload = Workload(args.period_ms / 1e3, args.chunk, args.speak_tokens, args.listen_tokens,
                         args.speak_share, spec.vocab_size)
-    records: dict[str, list[LevelRecord]] = {name: [] for name in args.servers}
+    records: dict[str, list[LevelRecord]] = {series(name, t): [] for name in args.servers
+                                              for t in transports_of(name, args)}
     fresh: dict[str, dict] = {}
     servers: dict[str, dict] = {}
-    per_server = len(args.levels) + (args.fresh_sessions > 0)
-    with ClientPool(args.client_procs) as pool, tqdm(total=len(args.servers) * per_server, unit="level") as bar:
+    total = sum(len(args.levels) * len(transports_of(name, args)) + (args.fresh_sessions > 0) for name in args.servers)
+    with ClientPool(args.client_procs) as pool, tqdm(total=total, unit="level") as bar:
         for name in args.servers:
             with serving(name, args) as server:
-                if args.fresh_sessions > 0:
-                    bar.set_description(f"{name} fresh")
-                    r = run_level(pool, server, "fresh", args.fresh_sessions, args.fresh_seconds, 0.0, args, workload)
-                    fresh[name] = r.to_json()
-                    tqdm.write("fresh " + summary_line(r))
-                    bar.update()
-                for i, sessions in enumerate(args.levels):
-                    bar.set_description(f"{name} {sessions} sessions")
-                    r = run_level(pool, server, str(sessions), sessions, level_seconds(args, sessions),
-                                  args.warmup_s, args, workload)
-                    records[name].append(r)
-                    tqdm.write(summary_line(r))
-                    bar.update()
-                    if r.miss_rate is None or r.miss_rate > args.stop_miss_rate:
-                        bar.update(len(args.levels) - i - 1)  # the levels left are not run
-                        break
+                for j, transport in enumerate(transports_of(name, args)):
+                    key = series(name, transport)
+                    if args.fresh_sessions > 0 and j == 0:  # only the first transport finds the server fresh
+                        bar.set_description(f"{key} fresh")
+                        r = run_level(pool, server, "fresh", args.fresh_sessions, args.fresh_seconds, 0.0, args,
+                                      workload, transport)
+                        fresh[name] = r.to_json()
+                        tqdm.write("fresh " + summary_line(r))
+                        bar.update()
+                    for i, sessions in enumerate(args.levels):
+                        bar.set_description(f"{key} {sessions} sessions")
+                        r = run_level(pool, server, str(sessions), sessions, level_seconds(args, sessions),
+                                      args.warmup_s, args, workload, transport)
+                        records[key].append(r)
+                        tqdm.write(summary_line(r))
+                        bar.update()
+                        if r.miss_rate is None or r.miss_rate > args.stop_miss_rate:
+                            bar.update(len(args.levels) - i - 1)  # the levels left are not run
+                            break
             servers[name] = asdict(server)
     result = {
         "capacity_sessions": {name: capacity(rs) for name, rs in records.items()},
@@ -933,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         "servers": servers,
         # uvicorn (both servers) parses HTTP with httptools when it is installed, else with h11 (pure Python)
         "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
-        "transport": args.transport,  # ours's; upstream's levels are always "http" (each level says which)
+        "transport": ",".join(args.transports),  # ours's; upstream's levels are always "http" (each level says)
         # What was typed: run_record's sys.argv names the file of a `-m` run, which would not import as a script.
         "command": shlex.join([os.path.basename(sys.executable), *sys.orig_argv[1:]]),
     }

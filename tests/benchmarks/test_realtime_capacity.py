@@ -409,23 +409,25 @@ def test_ws_transport_runs_a_shard_over_one_websocket_per_session(server, monkey
     assert sorted(tm.closed_lengths) == committed  # both closed, each at the length its appends committed
 
 
-def test_ws_transport_end_to_end_records_the_transport(server, tmp_path):
+def test_both_transports_in_one_run_on_one_server(server, tmp_path):
     url, tm = server
     out = tmp_path / "ws.json"
-    proc = run_script("--transport", "ws", "--url-ours", url, "--servers", "ours", "--levels", "1,3",
+    proc = run_script("--transport", "http,ws", "--url-ours", url, "--servers", "ours", "--levels", "1,3",
                       "--seconds", "0.6", "--warmup-s", "0.2", "--period-ms", "100", "--client-procs", "2",
                       "--fresh-sessions", "2", "--fresh-seconds", "0.4", "--drain-s", "0.3", "--min-turns", "0",
                       "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["transport"] == "ws" and result["workload"]["transport"] == "ws" and "http_parser" in result
+    assert result["transport"] == "http,ws" and result["workload"]["transport"] == ["http", "ws"]
+    assert set(result["capacity_sessions"]) == {"ours", "ours/ws"} and "http_parser" in result
     levels = result["levels"]
-    assert [(lv["server"], lv["transport"], lv["sessions"]) for lv in levels] == [("ours", "ws", 1), ("ours", "ws", 3)]
-    assert result["fresh"]["ours"]["transport"] == "ws"
+    assert [(lv["server"], lv["transport"], lv["sessions"]) for lv in levels] == [
+        ("ours", "http", 1), ("ours", "http", 3), ("ours", "ws", 1), ("ours", "ws", 3)]
+    assert list(result["fresh"]) == ["ours"] and result["fresh"]["ours"]["transport"] == "http"  # fresh once
     for lv in [*levels, result["fresh"]["ours"]]:
         assert lv["admitted_sessions"] == lv["sessions"] and lv["errors"] == 0 and lv["short_outputs"] == 0
         assert lv["turns"] > 0 and lv["server_turns"] >= lv["turns"]  # deadline counts read over HTTP
-    assert len(tm.closed_lengths) == 2 + 1 + 3  # every session closed over its WebSocket
+    assert len(tm.closed_lengths) == 2 + (1 + 3) * 2  # every session closed, over its WebSocket for ws
     assert "ours/ws" in proc.stdout + proc.stderr  # the summary lines name the transport
 
 
@@ -435,8 +437,11 @@ def test_ws_transport_through_a_gateway_is_refused_and_nothing_is_written(tmp_pa
     assert proc.returncode == 2
     assert "--transport ws cannot go through --gateway-ours" in proc.stderr and "WebSocket" in proc.stderr
     assert not out.exists() and not out.with_suffix(".png").exists()
-    assert rc.parse_args(["--transport", "ws", "--url-ours", "http://127.0.0.1:9"]).transport == "ws"
-    assert rc.parse_args([]).transport == "http"
+    assert rc.parse_args(["--transport", "ws", "--url-ours", "http://127.0.0.1:9"]).transports == ["ws"]
+    assert rc.parse_args([]).transports == ["http"]
+    for bad in ("grpc", "http,http", ""):
+        with pytest.raises(SystemExit):
+            rc.parse_args(["--transport", bad])
     with pytest.raises(SystemExit):
         rc.parse_args(["--transport", "grpc"])
 
