@@ -261,6 +261,11 @@ class MicroTurnSession:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             yield await self.append(chunk, output_budget, due=due)
 
+    async def cancel(self) -> bool:
+        """Barge-in: stop the running micro-turn (call it from another task while `append` waits); that append
+        then returns what was generated, committed (finish_reason cancelled). False: nothing was running."""
+        return bool((await self._call("cancel", {"session_id": self.session_id}))["cancelled"])
+
     async def status(self, tokens: bool = False) -> dict:
         """The session's state (GET /microturn/sessions/<id>); `tokens` adds the committed sequence."""
         async with self._lock:

@@ -65,3 +65,24 @@ async def _append_unknown(url):
 
     async with MicroTurnClient(url) as client:
         await MicroTurnSession(client, "0" * 32).append([5])
+
+
+def test_cancel_from_another_task_stops_the_running_append(server):
+    import threading
+
+    url, tm = server
+    tm.hold = threading.Event()  # never set: only the cancel ends the turn
+
+    async def run():
+        async with MicroTurnClient(url) as client:
+            session = await client.open(output_budget=8)
+            tm.running.clear()
+            turn = asyncio.ensure_future(session.append([10, 11]))
+            assert await asyncio.to_thread(tm.running.wait, 5)
+            cancelled = await session.cancel()
+            reply = await turn
+            return cancelled, reply, await session.cancel(), session.committed_length
+
+    cancelled, reply, again, length = asyncio.run(run())
+    assert cancelled and reply["finish_reason"] == {"type": "cancelled"} and len(reply["output_ids"]) == 1
+    assert again is False and length == 3
