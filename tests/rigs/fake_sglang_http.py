@@ -130,7 +130,9 @@ class FakeTokenizerManager:
 
     @staticmethod
     def _final(obj, prompt, out, reason):
-        meta = {"prompt_tokens": prompt, "completion_tokens": len(out), "cached_tokens": 0, "finish_reason": reason,
+        # cached: a session turn reuses the whole committed sequence before its input, as SGLang reports it
+        cached = max(0, prompt - len(obj.input_ids))
+        meta = {"prompt_tokens": prompt, "completion_tokens": len(out), "cached_tokens": cached, "finish_reason": reason,
                 # what SGLang adds with --enable-metrics
                 "forward_entry_time": obj.scheduled_at, "prefill_finished_time": getattr(obj, "prefill_done_at", None)}
         if obj.return_logprob:
