@@ -340,8 +340,11 @@ def test_both_servers_end_to_end_against_the_stand_in(stand_in, tmp_path):
     assert (one["server_misses"], four["server_misses"] == four["server_turns"] > 0) == (0, True)
     assert one["server_turns"] == 10  # the server counts the warm-up turns too
     assert (one["gc_pauses"], four["gc_pauses"], one["compiles"]) == (1, 3, 0)  # each session's first append
-    # the stand-in serves from this test's process: its CPU per turn is read as ours' HTTP process's
-    assert one["server_cpu_ms_per_turn"]["http"] > 0 and set(one["p50_by_budget_ms"]) <= {"1", "16"}
+    # --server-pid-ours is this test's process: its tree (the stand-in, and the benchmark run below it with its
+    # client processes) is read; /proc counts in clock ticks, so one process alone may read 0 over a short level
+    cpu = one["server_cpu_ms_per_turn"]
+    assert "http" in cpu and min(cpu.values()) >= 0 and sum(cpu.values()) > 0
+    assert set(one["p50_by_budget_ms"]) <= {"1", "16"}
     up = levels["upstream", 4]
     assert (up["admitted_sessions"], up["refused_opens"], up["server_misses"], up["gc_pauses"]) == (4, 0, None, None)
     assert up["server_cpu_ms_per_turn"] is None  # given by URL without a pid
