@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 
 from sglang_microturn import config
-from sglang_microturn.server.api_requests import parse_append, parse_cancel, parse_close, parse_open
+from sglang_microturn.server.api_requests import parse_append, parse_open, parse_session_call
 from sglang_microturn.server.layout_turns import LayoutTurns, layout_of
 from sglang_microturn.server.realtime_admission import AdmissionGuard, AdmissionRefused, settings_from_env
 from sglang_microturn.server.realtime_deadlines import DuplexMetrics
@@ -55,7 +55,6 @@ from sglang_microturn.server.session_registry import (
     ServerError,
     SessionGone,
     SessionRegistry,
-    SessionState,
     TurnAborted,
     shown,
 )
@@ -398,10 +397,8 @@ class MicroTurnAPI:
         """Barge-in: the session's running micro-turn stops generating (patch 0012); its append then returns
         normally with what it generated (finish_reason {"type": "cancelled"}), all of it committed. A turn
         still queued runs its prefill and stops after one token. Nothing running: cancelled false."""
-        session_id = parse_cancel(body)
-        session = self.registry.get(session_id)
-        if session.state is not SessionState.OPEN:
-            raise SessionGone(f"session {session_id} is {session.state.value}")
+        session_id = parse_session_call(body, "a cancel")
+        session = self.registry.get_open(session_id)
         rid = session.running_rid
         if rid is not None:
             finish_now(self.backend.tokenizer_manager, rid)
@@ -410,7 +407,7 @@ class MicroTurnAPI:
     async def close(self, body: dict) -> dict:
         from sglang.srt.managers.io_struct import CloseSessionReqInput
 
-        session_id = parse_close(body)
+        session_id = parse_session_call(body, "a close")
         registry = self.registry
         session, closed_now = registry.close(session_id)
         if closed_now:

@@ -132,13 +132,9 @@ def parse_session_id(body: dict) -> str:
     return session_id
 
 
-def parse_close(body: dict) -> str:
-    refuse_unknown_fields(body, CLOSE_FIELDS, "a close")
-    return parse_session_id(body)
-
-
-def parse_cancel(body: dict) -> str:
-    refuse_unknown_fields(body, CLOSE_FIELDS, "a cancel")
+def parse_session_call(body: dict, what: str) -> str:
+    """The body of a call that names only its session (`what`: "a close", "a cancel")."""
+    refuse_unknown_fields(body, CLOSE_FIELDS, what)
     return parse_session_id(body)
 
 

@@ -265,6 +265,13 @@ class SessionRegistry:
             raise SessionNotFound(f"unknown session {shown(repr(session_id))}")
         return session
 
+    def get_open(self, session_id: str) -> SessionRecord:
+        """`get`, and 410 unless the session is still open."""
+        session = self.get(session_id)
+        if session.state is not SessionState.OPEN:
+            raise SessionGone(f"session {session_id} is {session.state.value}")
+        return session
+
     def begin_append(self, session_id: str, input_ids: list[int], output_budget: int | None = None,
                      expected_length: int | None = None) -> tuple[SessionRecord, int]:
         """Validate and reserve one append; the caller must end it with `commit` or `abandon`. Returns the
@@ -273,9 +280,7 @@ class SessionRegistry:
         `expected_length` (optional) is the committed length the client believes the session has. A client
         that lost a response (e.g. dropped its connection) sends it on the next append: a late-arriving copy
         of the lost append then fails this check instead of silently adding a turn the client never saw."""
-        session = self.get(session_id)
-        if session.state is not SessionState.OPEN:
-            raise SessionGone(f"session {session_id} is {session.state.value}")
+        session = self.get_open(session_id)
         if session.in_flight:
             raise SessionBusy(f"session {session_id} already has an append in flight; send the next micro-turn "
                               "after the previous one's response")

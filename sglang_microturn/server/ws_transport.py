@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from sglang_microturn import protocol
 from sglang_microturn.server.api_handlers import MicroTurnAPI
 from sglang_microturn.server.api_requests import APPEND_FIELDS, parse_json_body, refuse_unknown_fields
-from sglang_microturn.server.session_registry import BadRequest, PayloadTooLarge, SessionGone, SessionState, shown
+from sglang_microturn.server.session_registry import BadRequest, PayloadTooLarge, shown
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +137,7 @@ class SocketSession:
         session_id = fields.get("session_id")
         if not isinstance(session_id, str):
             raise BadRequest("session.resume needs a session_id (a string)")
-        session = self.api.registry.get(session_id)  # 404, or 410 once its record is gone
-        if session.state is not SessionState.OPEN:
-            raise SessionGone(f"session {session_id} is {session.state.value}")
+        session = self.api.registry.get_open(session_id)  # 404, or 410 when closed, expired or gone
         session.touch()  # a reconnect is activity: the idle timer starts again
         self.session_id = session_id
         await self.send(_reply(protocol.WS_SESSION_RESUMED, event_id,

@@ -2,7 +2,8 @@
 
 import pytest
 
-from sglang_microturn.server.api_requests import AppendRequest, parse_append, parse_close, parse_json_body, parse_open
+from sglang_microturn.server.api_requests import (AppendRequest, parse_append, parse_json_body, parse_open,
+                                                  parse_session_call)
 from sglang_microturn.server.session_registry import BadRequest
 
 
@@ -68,7 +69,11 @@ def test_an_unknown_append_or_close_field_is_refused_by_name():
     with pytest.raises(BadRequest, match="unknown field 'expected_len' in an append"):
         parse_append({"session_id": "s", "input_ids": [1], "expected_len": 3})
     with pytest.raises(BadRequest, match="unknown fields 'a', 'b' in a close"):
-        parse_close({"session_id": "s", "a": 1, "b": 2})
+        parse_session_call({"session_id": "s", "a": 1, "b": 2}, "a close")
+
+
+def parse_close(body):
+    return parse_session_call(body, "a close")
 
 
 def test_a_huge_session_id_or_field_name_is_not_echoed_back():
