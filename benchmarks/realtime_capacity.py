@@ -163,6 +163,7 @@ class TurnRecord:
     done: float  # when the output arrived; for an unsent turn, the cutoff (its latency is then a lower bound)
     status: int  # HTTP status; 0: no answer (connection error, timeout) or unsent
     output_len: int
+    sglang_s: float | None = None  # SGLang's own time for the turn (meta_info.e2e_latency), None if not reported
 
     @property
     def ok(self) -> bool:
@@ -212,6 +213,9 @@ class TurnStats:
     # p50 of the counted turns of each output budget ("1": listening, "16": speaking in the default mix): a
     # median moved by one kind of turn shows here
     p50_by_budget_ms: dict[str, float | None] = field(default_factory=dict)
+    # p50 of SGLang's own time per answered turn (its tokenizer manager in to out, meta_info.e2e_latency); what
+    # p50_ms adds to it is HTTP, the client and (ours) the micro-turn API. None: the server reported none
+    p50_sglang_ms: float | None = None
 
 
 def turn_stats(turns: list[TurnRecord], period_s: float, warmup_s: float, seconds: float) -> TurnStats:
@@ -240,6 +244,7 @@ def turn_stats(turns: list[TurnRecord], period_s: float, warmup_s: float, second
         p50_by_budget_ms={str(b): _ms(percentile(sorted(t.latency_ms for t in counted
                                                         if t.budget == b and (t.ok or t.unsent)), 0.5))
                           for b in sorted({t.budget for t in counted})},
+        p50_sglang_ms=_ms(percentile(sorted(t.sglang_s * 1e3 for t in answered if t.sglang_s is not None), 0.5)),
     )
 
 
@@ -336,15 +341,15 @@ class OursSession:
             "deadline_ms": round(workload.period_s * 1e3)})
         return (cls(http, url, reply["session_id"], key, gateway) if _ok(status) else None), status
 
-    async def turn(self, input_ids: list[int], budget: int) -> tuple[int, int]:
-        """(status, output length)"""
+    async def turn(self, input_ids: list[int], budget: int) -> tuple[int, int, float | None]:
+        """(status, output length, SGLang's own time for the turn)"""
         status, reply = await self._request("append", {
             "session_id": self.session_id, "input_ids": input_ids, "output_budget": budget,
             "expected_length": self.length})
         if not _ok(status):
-            return status, 0
+            return status, 0, None
         self.length = reply["committed_length"]
-        return status, len(reply["output_ids"])
+        return status, len(reply["output_ids"]), reply.get("sglang_latency_s")
 
     async def deadline_counts(self) -> tuple[int, int] | None:
         """(misses, turns) the server counted against the session's deadline; None if it reports none."""
@@ -372,13 +377,13 @@ class UpstreamSession:
         status, sid = await call(http, "POST", url + "/open_session", {"capacity_of_str_len": 0, "streaming": True})
         return (cls(http, url, sid) if _ok(status) and isinstance(sid, str) else None), status
 
-    async def turn(self, input_ids: list[int], budget: int) -> tuple[int, int]:
+    async def turn(self, input_ids: list[int], budget: int) -> tuple[int, int, float | None]:
         status, reply = await call(self.http, "POST", self.url + "/generate", {
             "input_ids": input_ids, "session_params": {"id": self.session_id},
             "sampling_params": {"max_new_tokens": budget, "temperature": 0, "ignore_eos": True}})
         if not _ok(status) or not isinstance(reply, dict):
-            return status, 0
-        return status, len(reply.get("output_ids") or [])
+            return status, 0, None
+        return status, len(reply.get("output_ids") or []), (reply.get("meta_info") or {}).get("e2e_latency")
 
     async def deadline_counts(self) -> None:
         return None  # upstream keeps no per-session deadline
@@ -407,14 +412,15 @@ class OursWsSession(OursSession):
             return None, _status_of(e)
         return cls(http, url, ws, secrets.token_hex(16)), 200
 
-    async def turn(self, input_ids: list[int], budget: int) -> tuple[int, int]:
-        """(status, output length); an error event gives its HTTP status, a lost connection or timeout 0"""
+    async def turn(self, input_ids: list[int], budget: int) -> tuple[int, int, float | None]:
+        """(status, output length, SGLang's time); an error event gives its HTTP status, a lost connection or
+        timeout 0"""
         try:
             reply = await self.ws.append(input_ids, budget, expected_length=self.length)
         except MicroTurnClientError as e:
-            return _status_of(e), 0
+            return _status_of(e), 0, None
         self.length = reply["committed_length"]
-        return 200, len(reply["output_ids"])
+        return 200, len(reply["output_ids"]), reply.get("sglang_latency_s")
 
     async def close(self) -> None:
         with contextlib.suppress(MicroTurnClientError):  # as OursSession's close: its answer is not waited on
@@ -444,11 +450,11 @@ def series(server: str, transport: str) -> str:
     return server if transport == "http" else f"{server}/{transport}"
 
 
-async def pace(send: Callable[[], Awaitable[tuple[int, int, int]]], first_due: float, turns: int, period_s: float,
-               cutoff: float, session: int, to_unix: float) -> list[TurnRecord]:
+async def pace(send: Callable[[], Awaitable[tuple[int, int, int, float | None]]], first_due: float, turns: int,
+               period_s: float, cutoff: float, session: int, to_unix: float) -> list[TurnRecord]:
     """Run one session's turns open loop on the monotonic clock: turn k is sent at first_due + k * period_s,
     or as soon as turn k-1 returns if that is later. `send()` runs the next turn: (budget, status, output
-    length). Turns not sent by `cutoff` are recorded unsent. `to_unix` turns monotonic times into unix ones."""
+    length, SGLang's own time or None). Turns not sent by `cutoff` are recorded unsent. `to_unix` turns monotonic times into unix ones."""
     records = []
     for k in range(turns):
         due = first_due + k * period_s
@@ -460,9 +466,9 @@ async def pace(send: Callable[[], Awaitable[tuple[int, int, int]]], first_due: f
         if due > now:
             await asyncio.sleep(due - now)
         sent = time.monotonic()
-        budget, status, output_len = await send()
+        budget, status, output_len, sglang_s = await send()
         records.append(TurnRecord(session, k, budget, due + to_unix, sent + to_unix, time.monotonic() + to_unix,
-                                  status, output_len))
+                                  status, output_len, sglang_s))
     return records
 
 

@@ -44,9 +44,6 @@ ALIGNMENT_FLAG = "--alignment-mode"
 ALIGNMENT_FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("--attention-backend", "microturn_aligned", "attention bits independent of chunking, batch and path"),
     ("--dtype", "bfloat16", "the aligned kernels take bf16 weights"),
-    # SGLang's prefill graph backends split or torch.compile the model's forward around its own layer
-    # structure, which the aligned forward does not follow; decode CUDA graphs stay on.
-    ("--disable-prefill-cuda-graph", None, "prefill graphs are not verified with the aligned forward"),
 )
 # Flags alignment mode refuses, and why.
 ALIGNMENT_CONFLICTS = {

@@ -333,6 +333,9 @@ class MicroTurnAPI:
             "timestamps": {"received": received, "scheduled": meta.get("forward_entry_time"),
                            "first_token": meta.get("prefill_finished_time") if output_ids else None,
                            "done": done},
+            # SGLang's own time for the turn, its tokenizer manager's receipt to the finish: the rest of the
+            # client's latency is HTTP and this API.
+            "sglang_latency_s": meta.get("e2e_latency"),
         }
         if said is not None:
             out["input_ids"] = input_ids  # what the server built: the client can rebuild the sequence

@@ -8,16 +8,19 @@ Weights: HF Qwen3-MoE names plus `mlp.shared_expert.{gate,up,down}_proj`; `load_
 checkpoint whose tensor names do not cover every parameter exactly (upstream silently skips unknown names).
 Not supported with a shared expert: DeepEP / other all-to-all MoE backends (ValueError at construction).
 
-Alignment mode (MICROTURN_ALIGNMENT=1, set by `sglang-microturn serve --alignment-mode`): `forward` runs
-`aligned_forward.forward_hidden` over this model's own parameters, RadixAttention (the `microturn_aligned`
-backend) and KV cache, and the logits come from `AlignedLogitsProcessor`; the trainer runs the same functions
-(aligned_reference.score_aligned). Single GPU only (no TP/PP/EP). docs/alignment.md.
+Alignment mode (MICROTURN_ALIGNMENT=1, set by `sglang-microturn serve --alignment-mode`): the decoder stack
+(`MicroTurnModel.forward`) runs `aligned_forward.forward_hidden` over this model's own parameters,
+RadixAttention (the `microturn_aligned` backend) and KV cache, and the logits come from
+`AlignedLogitsProcessor`; the trainer runs the same functions (aligned_reference.score_aligned). The aligned
+forward sits in the decoder stack, not only in the outer `forward`, because that stack is what SGLang's prefill
+CUDA graphs capture (`PrefillCudaGraphRunner` replays `model.model.forward`, then runs the outer forward's
+logits tail eagerly). Single GPU only (no TP/PP/EP). docs/alignment.md.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -90,8 +93,27 @@ class MicroTurnDecoderLayer(Qwen3MoeDecoderLayer):
 
 
 class MicroTurnModel(Qwen3MoeModel):
-    def __init__(self, config, quant_config=None, prefix=""):
+    """Qwen3-MoE's decoder stack; in alignment mode (`aligned_weights` given) its forward is the aligned one,
+    returning the final-normed hidden states [T, D]."""
+
+    def __init__(self, config, quant_config=None, prefix="",
+                 aligned_weights: Callable[[], aligned_forward.AlignedWeights] | None = None):
         super().__init__(config, quant_config, prefix=prefix, decoder_layer_type=MicroTurnDecoderLayer)
+        self.aligned_weights = aligned_weights
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None, **kwargs):
+        if self.aligned_weights is None:
+            return super().forward(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors, **kwargs)
+        if input_embeds is not None:
+            raise AlignmentConfigError("alignment mode takes token ids, not input_embeds")
+        layers = self.layers
+
+        def attend(i, q, k, v):
+            return layers[i].self_attn.attn(q, k, v, forward_batch)
+
+        # One GPU (check_alignment_setup): this process computes the only rank, so no reduction.
+        return aligned_forward.forward_hidden([aligned_forward.RankForward(self.aligned_weights(), attend)],
+                                              input_ids, positions)
 
 
 # (checkpoint name part, parameter name part), the renames SGLang's loader applies; first match wins.
@@ -155,7 +177,10 @@ class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
         self.pp_group = get_pp_group()
         self.config = config
         self.quant_config = quant_config
-        self.model = MicroTurnModel(config, quant_config, prefix=add_prefix("model", prefix))
+        self.alignment = aligned_forward.alignment_enabled()
+        self._aligned: aligned_forward.AlignedWeights | None = None  # built once the weights are loaded
+        self.model = MicroTurnModel(config, quant_config, prefix=add_prefix("model", prefix),
+                                    aligned_weights=self.aligned if self.alignment else None)
         self.lm_head = ParallelLMHead(
             config.vocab_size, config.hidden_size, quant_config=quant_config,
             prefix=add_prefix("lm_head", prefix), use_attn_tp_group=get_parallel().enable_dp_lm_head,
@@ -164,8 +189,6 @@ class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
         self.attn_cp_size = get_parallel().attn_cp_size
         self.attn_cp_rank = get_parallel().attn_cp_rank
         self.moe_dp_size = get_parallel().moe_dp_size
-        self.alignment = aligned_forward.alignment_enabled()
-        self._aligned: aligned_forward.AlignedWeights | None = None  # built once the weights are loaded
         self.logits_processor = (AlignedLogitsProcessor if self.alignment else LogitsProcessor)(config)
         if self.alignment:
             check_alignment_setup(self)
@@ -197,27 +220,17 @@ class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
         weights.check()
         return weights
 
-    def aligned_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                       attend: aligned_forward.Attend) -> torch.Tensor:
-        """Alignment mode's final-normed hidden states [T, D]; `attend` is RadixAttention when serving."""
+    def aligned(self) -> aligned_forward.AlignedWeights:
+        """The aligned weight view, built on first use (load_weights builds it: never first inside a capture)."""
         if self._aligned is None:
             self._aligned = self.aligned_weights()
-        # One GPU (check_alignment_setup): this process computes the only rank, so no reduction.
-        return aligned_forward.forward_hidden([aligned_forward.RankForward(self._aligned, attend)], input_ids,
-                                              positions)
+        return self._aligned
 
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):
         if not self.alignment:
             return super().forward(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
-        if input_embeds is not None:
-            raise AlignmentConfigError("alignment mode takes token ids, not input_embeds")
-        layers = self.model.layers
-
-        def attend(i, q, k, v):
-            return layers[i].self_attn.attn(q, k, v, forward_batch)
-
-        hidden = self.aligned_hidden(input_ids, positions, attend)
+        hidden = self.model(input_ids, positions, forward_batch, input_embeds)
         return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], is_mtp: bool = False):

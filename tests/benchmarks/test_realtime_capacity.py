@@ -24,8 +24,9 @@ VOCAB = rc.model_spec("small").vocab_size
 WORKLOAD = rc.Workload(period_s=0.2, chunk=98, speak_tokens=16, listen_tokens=1, speak_share=0.3, vocab=VOCAB)
 
 
-def turn(session, k, due, done, sent="at due", status=200, budget=1, output_len=1):
-    return rc.TurnRecord(session, k, budget, due, due if sent == "at due" else sent, done, status, output_len)
+def turn(session, k, due, done, sent="at due", status=200, budget=1, output_len=1, sglang_s=None):
+    return rc.TurnRecord(session, k, budget, due, due if sent == "at due" else sent, done, status, output_len,
+                         sglang_s)
 
 
 def level(sessions, p99_ms, miss_rate, admitted=None, errors=0, turns=100):
@@ -72,8 +73,8 @@ def test_a_turn_queued_behind_a_late_one_is_late_from_its_own_due_time():
         turn(0, 5, due=11.0, done=11.2),  # exactly one period: not missed
         turn(0, 6, due=11.2, done=11.21, status=500),  # failed: missed, no latency
         turn(1, 2, due=10.4, sent=None, done=12.4, status=0, budget=0, output_len=0),  # unsent at the cutoff
-        turn(1, 3, due=10.6, done=10.61, budget=16, output_len=16),
-        turn(1, 4, due=10.8, done=10.81, budget=16, output_len=3),  # short output
+        turn(1, 3, due=10.6, done=10.61, budget=16, output_len=16, sglang_s=0.004),
+        turn(1, 4, due=10.8, done=10.81, budget=16, output_len=3, sglang_s=0.006),  # short output
     ]
     s = rc.turn_stats(turns, period, warmup_s=0.2, seconds=2.2)
     assert s.turns == 9 and s.missed == 4 and s.miss_rate == round(4 / 9, 5)
@@ -85,6 +86,7 @@ def test_a_turn_queued_behind_a_late_one_is_late_from_its_own_due_time():
     assert s.turns_per_s == round(7 / 2.0, 1)
     # listening (budget 1): 50, 450, 300, 150, 200 -> 200; the unsent budget-0 turn; speaking: 10, 10
     assert s.p50_by_budget_ms == {"0": 2000.0, "1": 200.0, "16": 10.0}
+    assert s.p50_sglang_ms == 4.0  # over the answered turns that report SGLang's own time
 
 
 def test_turns_due_cover_the_level_and_no_more():
@@ -115,7 +117,7 @@ def test_pacer_sends_on_the_open_loop_schedule_and_right_after_a_late_turn():
             calls.append([time.monotonic(), None])
             await asyncio.sleep(0.12 if k == 2 else 0.002)  # turn 2 overruns by more than two periods
             calls[-1][1] = time.monotonic()
-            return 1, 200, 1
+            return 1, 200, 1, None
 
         first = time.monotonic() + 0.05
         return first, await rc.pace(send, first, 9, period, first + 10, session=7, to_unix=1000.0)
@@ -135,7 +137,7 @@ def test_pacer_records_turns_still_unsent_at_the_cutoff():
     async def run():
         async def send():
             await asyncio.sleep(0.3)
-            return 16, 200, 16
+            return 16, 200, 16, None
 
         first = time.monotonic()
         return first, await rc.pace(send, first, 4, 0.05, first + 0.2, session=0, to_unix=0.0)
@@ -244,7 +246,7 @@ class StandIn:
         if isinstance(out, web.Response):
             return out
         return web.json_response({"output_ids": out, "committed_length": session["length"],
-                                  "server_length": session["length"]})
+                                  "server_length": session["length"], "sglang_latency_s": 0.003})
 
     async def status(self, request):
         session = self.sessions[request.match_info["sid"]]
@@ -273,7 +275,8 @@ class StandIn:
         out = await self._turn(session, body["input_ids"], params["max_new_tokens"])
         if isinstance(out, web.Response):
             return out
-        return web.json_response({"output_ids": out, "meta_info": {"completion_tokens": len(out)}})
+        return web.json_response({"output_ids": out, "meta_info": {"completion_tokens": len(out),
+                                                                   "e2e_latency": 0.005}})
 
     async def close_upstream(self, request):
         self.sessions[(await request.json())["session_id"]]["open"] = False
@@ -345,6 +348,7 @@ def test_both_servers_end_to_end_against_the_stand_in(stand_in, tmp_path):
     cpu = one["server_cpu_ms_per_turn"]
     assert "http" in cpu and min(cpu.values()) >= 0 and sum(cpu.values()) > 0
     assert set(one["p50_by_budget_ms"]) <= {"1", "16"}
+    assert one["p50_sglang_ms"] == 3.0 and levels["upstream", 1]["p50_sglang_ms"] == 5.0  # each API's field
     up = levels["upstream", 4]
     assert (up["admitted_sessions"], up["refused_opens"], up["server_misses"], up["gc_pauses"]) == (4, 0, None, None)
     assert up["server_cpu_ms_per_turn"] is None  # given by URL without a pid
@@ -403,6 +407,7 @@ def test_ws_transport_runs_a_shard_over_one_websocket_per_session(server, monkey
     assert (result.opened, result.refused, result.open_errors) == (2, 1, 0)  # the third open: an error event, 429
     assert len(result.turns) == 2 * 6 and {t.session for t in result.turns} == {0, 1}  # 6 due in 0.6 s each
     assert all(t.ok and t.status == 200 and t.output_len == t.budget for t in result.turns)
+    assert all(t.sglang_s == 0.002 for t in result.turns)  # SGLang's own time, through the WS reply
     assert {t.budget for t in result.turns} <= {1, 16}
     assert result.server_counts is not None and result.server_counts[1] == 12  # the server counted every turn
     # Over HTTP only the deadline counts (one status call per session); opens, appends and closes went over WS.

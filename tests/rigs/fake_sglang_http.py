@@ -134,7 +134,8 @@ class FakeTokenizerManager:
         cached = max(0, prompt - len(obj.input_ids))
         meta = {"prompt_tokens": prompt, "completion_tokens": len(out), "cached_tokens": cached, "finish_reason": reason,
                 # what SGLang adds with --enable-metrics
-                "forward_entry_time": obj.scheduled_at, "prefill_finished_time": getattr(obj, "prefill_done_at", None)}
+                "forward_entry_time": obj.scheduled_at, "prefill_finished_time": getattr(obj, "prefill_done_at", None),
+                "e2e_latency": 0.002}  # what SGLang always reports: its tokenizer manager's time for the request
         if obj.return_logprob:
             meta["output_token_logprobs"] = [(-1.0, t, None) for t in out]
         return {"output_ids": out, "meta_info": meta}

@@ -6,7 +6,8 @@ mode, in a fresh process (see sglang_model_rig.py). Prints one JSON object of fi
 The attention of both sides is the reference's contiguous-KV `aligned_extend` (the `microturn_aligned`
 backend needs a GPU): the model's own `forward` runs through its RadixAttention layers, which hand q/k/v to
 a stand-in backend that calls that attention. What this compares is everything else: SGLang's parameters as
-stacked by its loader, the forward glue, the shared aligned forward and the AlignedLogitsProcessor's lm_head.
+stacked by its loader, the forward glue, the shared aligned forward and the AlignedLogitsProcessor's lm_head;
+and the decoder stack alone (`model.model`, what SGLang's prefill CUDA graphs capture).
 """
 
 import json
@@ -66,6 +67,14 @@ def main(ckpt: str, port: int) -> dict:
             got = server_logprobs(chunks)
             found[name] = {"bitwise_equal_reference": torch.equal(got, want),
                            "max_abs_diff": (got - want).abs().max().item()}
+
+        # The decoder stack alone, as SGLang's prefill CUDA graphs capture and replay it (model.model.forward,
+        # the logits tail run apart): it must be the aligned forward too, not Qwen3-MoE's layers.
+        radix_attention.get_attn_backend = lambda: StandInBackend()
+        body = model.model(ids, torch.arange(SEQ), batch)
+        got = token_logprobs(model.logits_processor._compute_lm_head(body, model.lm_head), ids)
+        found["decoder_stack"] = {"bitwise_equal_reference": torch.equal(got, want),
+                                  "max_abs_diff": (got - want).abs().max().item()}
     return found
 
 

@@ -1,6 +1,7 @@
 """SGLang's MicroTurnForCausalLM in alignment mode (its own `forward`, through RadixAttention) gives bitwise
 the reference's aligned-mode logprobs on the tiny preset with a shared expert, one-shot and in micro-turn
-chunks (CPU, Triton interpreter; tests/rigs/sglang_aligned_rig.py)."""
+chunks, and so does its decoder stack alone (what SGLang's prefill CUDA graphs capture). CPU, Triton
+interpreter; tests/rigs/sglang_aligned_rig.py."""
 
 import json
 import os
@@ -32,6 +33,6 @@ def test_alignment_switch_reaches_the_model(rig):
     assert rig["attention_calls"] == [2 * 1, 2 * 4]  # layers x forwards: attention went through RadixAttention
 
 
-@pytest.mark.parametrize("path", ["one_shot", "chunked"])
+@pytest.mark.parametrize("path", ["one_shot", "chunked", "decoder_stack"])
 def test_sglang_model_equals_reference_bitwise(rig, path):
     assert rig[path]["bitwise_equal_reference"], rig[path]

@@ -71,6 +71,7 @@ def test_appends_build_the_committed_sequence(client, tm):
     assert r1["output_ids"] == [0, 7, 14] and r1["committed_length"] == 7 == r1["server_length"]
     ts = r1["timestamps"]
     assert ts["received"] <= ts["scheduled"] <= ts["first_token"] <= ts["done"]
+    assert r1["sglang_latency_s"] == 0.002  # SGLang's own time for the turn (meta_info.e2e_latency)
     r2 = append(client, sid, [9], output_budget=0).json()  # listen only
     assert r2["output_ids"] == [] and r2["committed_length"] == 8 and r2["timestamps"]["first_token"] is None
     s = state(client, sid)
