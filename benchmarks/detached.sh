@@ -8,6 +8,9 @@
 #
 # The commands should write their JSON under benchmarks/results/ and logs under /tmp/detached/logs/. At most 8
 # files come back from $OUT, so collect packs the new results into one tarball beside the log's.
+# They run in a copy of the working tree ($DIR/tree, made by start): every device call re-sends the tree and
+# replaces what is there, so a result written into it would be overwritten or deleted by the next wait call
+# (seen: three results of one run lost that way before they were collected).
 set -uo pipefail
 DIR=${MICROTURN_DETACHED_DIR:-/tmp/detached}
 RUNNER=${MICROTURN_DETACHED_RUNNER:-benchmarks/on_device.sh}
@@ -16,10 +19,11 @@ case "${1:-}" in
     shift
     mkdir -p "$DIR/logs"
     export DETACHED_DIR=$DIR
-    rm -f "$DIR/rc"
+    rm -rf "$DIR/rc" "$DIR/tree"
+    cp -a . "$DIR/tree" || exit 1
     date +%s > "$DIR/started"
-    setsid bash -c 'bash "$0" "$@" > "$DETACHED_DIR/log" 2>&1; echo $? > "$DETACHED_DIR/rc"' "$RUNNER" "$@" \
-      < /dev/null > /dev/null 2>&1 &
+    (cd "$DIR/tree" && exec setsid bash -c 'bash "$0" "$@" > "$DETACHED_DIR/log" 2>&1; echo $? > "$DETACHED_DIR/rc"' \
+      "$RUNNER" "$@") < /dev/null > /dev/null 2>&1 &
     echo "started: log in $DIR/log"
     ;;
   wait)
@@ -33,8 +37,8 @@ case "${1:-}" in
     ;;
   collect)
     : "${OUT:?collect needs \$OUT (the device tool sets it)}"
-    find benchmarks/results -name '*.json' -newer "$DIR/started" -print0 \
-      | tar -czf "$OUT/results.tar.gz" --null -T -
+    (cd "$DIR/tree" && find benchmarks/results -name '*.json' -newer "$DIR/started" -print0 \
+      | tar -czf "$OUT/results.tar.gz" --null -T -)
     cp "$DIR/log" "$OUT/detached.log"
     tar -czf "$OUT/logs.tar.gz" -C "$DIR" logs
     tar -tzf "$OUT/results.tar.gz"

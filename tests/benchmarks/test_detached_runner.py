@@ -1,5 +1,6 @@
-"""benchmarks/detached.sh: start returns at once while the commands run on, wait reports done and the exit
-status, collect packs only the results written after the start (the device tool returns at most 8 files)."""
+"""benchmarks/detached.sh: start returns at once while the commands run on in a copy of the tree (the device
+tool's next call replaces the tree), wait reports done and the exit status, collect packs only the results
+written after the start (the device tool returns at most 8 files)."""
 
 import os
 import subprocess
@@ -28,8 +29,10 @@ def test_start_wait_collect(tmp_path):
     assert started.returncode == 0 and not (repo / "benchmarks" / "results" / "new.json").exists()
     early = _run(repo, env, "wait", "0")
     assert early.returncode == 1 and "still running" in early.stdout
+    (repo / "benchmarks" / "results" / "old.json").unlink()  # the next device call re-sends the tree over it
     done = _run(repo, env, "wait", "30")
     assert done.returncode == 0 and "=== done, exit 1" in done.stdout  # `false` failed: the runner says so
+    assert not (repo / "benchmarks" / "results" / "new.json").exists()  # written in the run's own copy
     collected = _run(repo, env, "collect")
     assert collected.returncode == 0, collected.stderr
     with tarfile.open(out / "results.tar.gz") as t:
