@@ -93,16 +93,16 @@ class MicroTurnDecoderLayer(Qwen3MoeDecoderLayer):
 
 
 class MicroTurnModel(Qwen3MoeModel):
-    """Qwen3-MoE's decoder stack; in alignment mode (`aligned_weights` given) its forward is the aligned one,
-    returning the final-normed hidden states [T, D]."""
+    """Qwen3-MoE's decoder stack; in alignment mode (`aligned_view` given: it returns the model's weights in
+    the aligned forward's layout) its forward is the aligned one, returning the final-normed hidden states."""
 
     def __init__(self, config, quant_config=None, prefix="",
-                 aligned_weights: Callable[[], aligned_forward.AlignedWeights] | None = None):
+                 aligned_view: Callable[[], aligned_forward.AlignedWeights] | None = None):
         super().__init__(config, quant_config, prefix=prefix, decoder_layer_type=MicroTurnDecoderLayer)
-        self.aligned_weights = aligned_weights
+        self.aligned_view = aligned_view
 
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None, **kwargs):
-        if self.aligned_weights is None:
+        if self.aligned_view is None:
             return super().forward(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors, **kwargs)
         if input_embeds is not None:
             raise AlignmentConfigError("alignment mode takes token ids, not input_embeds")
@@ -112,7 +112,7 @@ class MicroTurnModel(Qwen3MoeModel):
             return layers[i].self_attn.attn(q, k, v, forward_batch)
 
         # One GPU (check_alignment_setup): this process computes the only rank, so no reduction.
-        return aligned_forward.forward_hidden([aligned_forward.RankForward(self.aligned_weights(), attend)],
+        return aligned_forward.forward_hidden([aligned_forward.RankForward(self.aligned_view(), attend)],
                                               input_ids, positions)
 
 
@@ -180,7 +180,7 @@ class MicroTurnForCausalLM(Qwen3MoeForCausalLM):
         self.alignment = aligned_forward.alignment_enabled()
         self._aligned: aligned_forward.AlignedWeights | None = None  # built once the weights are loaded
         self.model = MicroTurnModel(config, quant_config, prefix=add_prefix("model", prefix),
-                                    aligned_weights=self.aligned if self.alignment else None)
+                                    aligned_view=self.aligned if self.alignment else None)
         self.lm_head = ParallelLMHead(
             config.vocab_size, config.hidden_size, quant_config=quant_config,
             prefix=add_prefix("lm_head", prefix), use_attn_tp_group=get_parallel().enable_dp_lm_head,
