@@ -343,7 +343,8 @@ def main() -> int:
             result["default_startup_s"] = round(server.startup_s, 1)
             result["overhead_default"] = measure_overhead(url, args, log)
         result["overhead"] = overhead(result["overhead_default"], result["overhead_aligned"],
-                                      f"{args.throughput_sessions}x{args.throughput_turns}", f"1x{args.latency_turns}")
+                                      f"{args.throughput_sessions}x{args.throughput_turns}",
+                                      f"1x{args.latency_turns}")
         result["checks"].update({
             "overhead_throughput_within_5pct": result["overhead"]["throughput_within_target"],
             "overhead_p50_within_5pct": result["overhead"]["p50_within_target"],

@@ -454,7 +454,8 @@ async def pace(send: Callable[[], Awaitable[tuple[int, int, int, float | None]]]
                period_s: float, cutoff: float, session: int, to_unix: float) -> list[TurnRecord]:
     """Run one session's turns open loop on the monotonic clock: turn k is sent at first_due + k * period_s,
     or as soon as turn k-1 returns if that is later. `send()` runs the next turn: (budget, status, output
-    length, SGLang's own time or None). Turns not sent by `cutoff` are recorded unsent. `to_unix` turns monotonic times into unix ones."""
+    length, SGLang's own time or None). Turns not sent by `cutoff` are recorded unsent. `to_unix` turns
+    monotonic times into unix ones."""
     records = []
     for k in range(turns):
         due = first_due + k * period_s
