@@ -44,7 +44,11 @@ case "${1:-}" in
     chrome="$root/unpack/usr/lib/chromium/chromium"
     echo "=== libraries Chromium still lacks here:"
     LD_LIBRARY_PATH=$libs ldd "$chrome" | grep "not found" || echo "none"
-    echo "export MICROTURN_CHROMIUM=$chrome LD_LIBRARY_PATH=$libs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH} PYTHONPATH=$root/site\${PYTHONPATH:+:\$PYTHONPATH}"
+    # The unpacked libraries reach Chromium alone, through a wrapper: the server that console_check starts
+    # must keep the machine's own libraries.
+    printf '#!/bin/sh\nexport LD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\nexec %s "$@"\n' "$libs" "$chrome" >"$root/chromium"
+    chmod +x "$root/chromium"
+    echo "export MICROTURN_CHROMIUM=$root/chromium PYTHONPATH=$root/site\${PYTHONPATH:+:\$PYTHONPATH}"
     ;;
   *)
     echo "usage: $0 pack|install [DIR]" >&2
