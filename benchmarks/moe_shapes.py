@@ -11,15 +11,17 @@ def selected_shapes(args):
 
 
 GATE_UP_FIELDS = ("BLOCK_I", "BLOCK_D", "gate_up_warps", "gate_up_stages")
-DOWN_FIELDS = ("BLOCK_N", "BLOCK_K", "down_warps", "down_stages")
+DOWN_FIELDS = ("BLOCK_N", "BLOCK_K", "down_warps", "down_stages", "split_down")
 FLAG_FIELDS = ("evict_first", "pdl", "prefetch_w2")
 GATE_UP_GRID = [  # (BLOCK_I, BLOCK_D, warps, stages): unrolled vs pipelined, narrow vs wide tiles
     (4, 512, 4, 0), (16, 256, 4, 0), (8, 1024, 8, 0), (16, 512, 8, 0),
     (8, 512, 4, 2), (8, 512, 4, 3), (16, 256, 4, 3), (4, 1024, 4, 3), (16, 512, 8, 3),
 ]  # fmt: skip
-DOWN_GRID = [  # (BLOCK_N, BLOCK_K, warps, stages)
-    (4, 256, 4, 0), (8, 256, 4, 0), (2, 512, 4, 0), (8, 512, 8, 0),
-    (4, 256, 4, 3), (4, 512, 4, 3), (8, 512, 8, 3), (16, 256, 8, 3),
+DOWN_GRID = [  # (BLOCK_N, BLOCK_K, warps, stages, split_down): one program per token, then per pair
+    (4, 256, 4, 0, False), (8, 256, 4, 0, False), (2, 512, 4, 0, False), (8, 512, 8, 0, False),
+    (4, 256, 4, 3, False), (4, 512, 4, 3, False), (8, 512, 8, 3, False), (16, 256, 8, 3, False),
+    (2, 256, 2, 0, True), (4, 256, 4, 0, True), (8, 256, 4, 0, True), (16, 256, 4, 0, True),
+    (8, 512, 8, 0, True), (4, 256, 4, 3, True), (16, 512, 8, 3, True),
 ]  # fmt: skip
 FLAG_GRID = [(True, False, False), (False, True, False), (False, True, True), (True, True, True)]
 

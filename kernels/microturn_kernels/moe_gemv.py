@@ -87,6 +87,10 @@ class MoeGemvConfig:
       before it reads h or writes out; the launch gap and the first kernel's tail overlap the second's start.
     prefetch_w2: with pdl, each down program asks L2 for its w2 rows (one bulk prefetch per top-k slot)
       before it waits, so its weight stream starts during the gate-up tail.
+    split_down: at small M (up to SPLIT_DOWN_MAX_M tokens) the down kernel runs one program per (pair, row
+      block) instead of per (token, row block), K times the programs for the same bytes: each writes its
+      fp32 down projection, and the last of a token's K programs to finish (a per-row-block arrival
+      counter) sums them in k order. The same arithmetic in the same order: bitwise equal to split_down off.
     """
 
     BLOCK_I: int
@@ -100,6 +104,13 @@ class MoeGemvConfig:
     evict_first: bool = False
     pdl: bool = False
     prefetch_w2: bool = False
+    split_down: bool = False
+
+
+# split_down's bound on M: its arrival counters ([SPLIT_DOWN_MAX_M, cdiv(D, BLOCK_N)] int32 per device) are
+# allocated once and re-armed by the kernel itself, so a captured CUDA graph needs no memset node. Larger
+# batches have parallelism enough with one program per token.
+SPLIT_DOWN_MAX_M = 64
 
 
 # Keyed by (D, I). Starting points for H100 (bytes in flight per program ~8-16 KB, >= 4 programs per SM at
@@ -214,6 +225,23 @@ def _down_chunk(acc, h_row, w_rows, row_mask, i_valid, c, cols, I: tl.constexpr,
 
 
 @triton.jit
+def _down_pair(h_ptr, w2_ptr, e, valid, pair, rows, row_mask, D: tl.constexpr, I: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr):
+    # One pair's down projection on BLOCK_N output rows, fp32 [BN]: the dot of h[pair] with w2[e, rows].
+    w_rows = w2_ptr + e * (D * I) + rows[:, None].to(tl.int64) * I  # [BN, 1]
+    h_row = h_ptr + pair.to(tl.int64) * I
+    cols = tl.arange(0, BLOCK_K)  # [BK]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if STAGES == 0:
+        for c in tl.static_range(0, I, BLOCK_K):
+            acc = _down_chunk(acc, h_row, w_rows, row_mask, valid, c, cols, I, EVICT)
+    else:
+        for c in tl.range(0, I, BLOCK_K, num_stages=STAGES):
+            acc = _down_chunk(acc, h_row, w_rows, row_mask, valid, c, cols, I, EVICT)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _down_combine_kernel(
     h_ptr,  # [P, I] bf16, contiguous
     w2_ptr,  # [E, D, I] bf16, contiguous
@@ -246,27 +274,69 @@ def _down_combine_kernel(
         tl.extra.cuda.gdc_wait()  # h is written by the gate-up grid: nothing below may run before it ends
     rows = nblk * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output rows
     row_mask = rows < D
-    cols = tl.arange(0, BLOCK_K)  # [BK]
 
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k in tl.static_range(K):  # the combine over top-k, in k order
         e = tl.load(ids_ptr + m * stride_idm + k).to(tl.int64)
         tw = tl.load(tw_ptr + m * stride_twm + k).to(tl.float32)
         valid = e >= 0
-        e = tl.maximum(e, 0)
-        w_rows = w2_ptr + e * (D * I) + rows[:, None].to(tl.int64) * I  # [BN, 1]
-        h_row = h_ptr + (m * K + k).to(tl.int64) * I
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if STAGES == 0:
-            for c in tl.static_range(0, I, BLOCK_K):
-                acc = _down_chunk(acc, h_row, w_rows, row_mask, valid, c, cols, I, EVICT)
-        else:
-            for c in tl.range(0, I, BLOCK_K, num_stages=STAGES):
-                acc = _down_chunk(acc, h_row, w_rows, row_mask, valid, c, cols, I, EVICT)
-        y = tl.sum(acc, axis=1)  # [BN] this pair's down projection, fp32
+        y = _down_pair(h_ptr, w2_ptr, tl.maximum(e, 0), valid, m * K + k, rows, row_mask, D, I, BLOCK_N, BLOCK_K,
+                       STAGES, EVICT)  # fmt: skip
         out += tl.where(valid, tw, 0.0) * y
     out = out * scale
     tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, _to_bf16(out), mask=row_mask)
+
+
+@triton.jit
+def _down_split_kernel(
+    h_ptr,  # [P, I] bf16, contiguous
+    w2_ptr,  # [E, D, I] bf16, contiguous
+    ids_ptr,  # [M, K] int32/int64
+    tw_ptr,  # [M, K] float
+    out_ptr,  # [M, D] bf16, row stride stride_om
+    y_ptr,  # [P, D] fp32 scratch: each pair's down projection
+    arrivals_ptr,  # [>= M * cdiv(D, BLOCK_N)] int32, zero between calls
+    stride_idm,
+    stride_twm,
+    stride_om,
+    scale,  # routed scaling factor, fp32
+    D: tl.constexpr,
+    I: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
+    EVICT: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # split_down (MoeGemvConfig): grid (P, cdiv(D, BLOCK_N)), one pair's rows per program; the combine of
+    # `_down_combine_kernel` runs in whichever of a token's K programs arrives last.
+    pair = tl.program_id(0)
+    nblk = tl.program_id(1)
+    m = pair // K
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # h is written by the gate-up grid
+    rows = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < D
+    e = tl.load(ids_ptr + m * stride_idm + pair % K).to(tl.int64)
+    y = _down_pair(h_ptr, w2_ptr, tl.maximum(e, 0), e >= 0, pair, rows, row_mask, D, I, BLOCK_N, BLOCK_K, STAGES,
+                   EVICT)  # fmt: skip
+    tl.store(y_ptr + pair.to(tl.int64) * D + rows, y, mask=row_mask)
+    # Every thread's store is issued before the arrival (CTA barrier), and the gpu-scope release of the
+    # arrival publishes them to the program that acquires it last.
+    tl.debug_barrier()
+    counter = arrivals_ptr + m * tl.cdiv(D, BLOCK_N) + nblk
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == K - 1:
+        out = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k in tl.static_range(K):  # the same k-order sum as `_down_combine_kernel`
+            valid = tl.load(ids_ptr + m * stride_idm + k) >= 0
+            tw = tl.load(tw_ptr + m * stride_twm + k).to(tl.float32)
+            # .cg: from L2, where the other programs' stores are; never a stale L1 line
+            yk = tl.load(y_ptr + (m * K + k).to(tl.int64) * D + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
+            out += tl.where(valid, tw, 0.0) * yk
+        out = out * scale
+        tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, _to_bf16(out), mask=row_mask)
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # re-armed for the next call: all K arrived
 
 
 def _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
@@ -357,7 +427,18 @@ def moe_gemv(
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
     # The bulk prefetch needs whole, 16-byte aligned row blocks.
     prefetch = pdl and cfg.prefetch_w2 and D % cfg.BLOCK_N == 0 and (cfg.BLOCK_N * I * 2) % 16 == 0
-    _down_combine_kernel[(M, triton.cdiv(D, cfg.BLOCK_N))](
+    n_blocks = triton.cdiv(D, cfg.BLOCK_N)
+    arrivals = _split_down_arrivals(out.device, n_blocks) if cfg.split_down and M <= SPLIT_DOWN_MAX_M else None
+    if arrivals is not None:
+        y = torch.empty((M * K, D), device=out.device, dtype=torch.float32)
+        _down_split_kernel[(M * K, n_blocks)](
+            h, w2, topk_ids, topk_weights, out, y, arrivals,
+            topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
+            D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
+            USE_PDL=pdl, num_warps=cfg.down_warps, launch_pdl=pdl,
+        )  # fmt: skip
+        return out
+    _down_combine_kernel[(M, n_blocks)](
         h, w2, topk_ids, topk_weights, out,
         topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
         D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
@@ -365,6 +446,26 @@ def moe_gemv(
         num_warps=cfg.down_warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
+
+
+_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _split_down_arrivals(device: torch.device, n_blocks: int) -> torch.Tensor | None:
+    """split_down's arrival counters for `n_blocks` row blocks on `device` (zero between calls), or None when
+    they would have to be made inside a CUDA-graph capture (the memory would belong to the graph's pool):
+    the caller then runs the one-program-per-token down kernel, which gives the same bits.
+
+    Made once per (device, n_blocks) and never freed (a captured graph keeps their address); shared by every
+    call of that shape, so calls on one device must not overlap on two streams (SGLang runs a model's
+    forward on one stream)."""
+    key = (device, n_blocks)
+    buf = _ARRIVALS.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _ARRIVALS[key] = torch.zeros(SPLIT_DOWN_MAX_M * n_blocks, device=device, dtype=torch.int32)
+    return buf
 
 
 def moe_gemv_aligned(

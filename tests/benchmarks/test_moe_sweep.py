@@ -40,7 +40,7 @@ def test_sweep_dry_run_writes_complete_json(tmp_path, monkeypatch):
     monkeypatch.setattr(moe_decode, "DECODE_M", [1, 2])
     monkeypatch.setattr(moe_decode, "SWEEP_M_FOR_RANKING", [1, 2])
     monkeypatch.setattr(moe_shapes, "GATE_UP_GRID", [(16, 64, 4, 0), (4, 32, 2, 2)])
-    monkeypatch.setattr(moe_shapes, "DOWN_GRID", [(4, 32, 4, 0), (2, 16, 2, 3)])
+    monkeypatch.setattr(moe_shapes, "DOWN_GRID", [(4, 32, 4, 0, False), (2, 16, 2, 3, True)])
     monkeypatch.setattr(moe_shapes, "FLAG_GRID", [(True, True, True)])
     monkeypatch.setattr(moe_decode, "measure_bandwidth", lambda: {"pure_read_TBps": 3.0})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)

@@ -57,6 +57,7 @@ CONFIG_AXES = [
     dataclasses.replace(SMALL, BLOCK_I=4, BLOCK_D=64, BLOCK_N=2, BLOCK_K=32, gate_up_warps=2, down_warps=8),
     dataclasses.replace(SMALL, evict_first=True),
     dataclasses.replace(SMALL, pdl=True, prefetch_w2=True),
+    dataclasses.replace(SMALL, split_down=True),
 ]
 
 
@@ -77,8 +78,27 @@ def test_loop_form_and_hints_keep_the_arithmetic():
     # order: bitwise equal to the base config (on the GPU this is checked by the sweep for each config).
     x, w13, w2, tw, ids = make_moe(3, 8, 3, 96, 40, seed=14)
     base = moe_gemv(x, w13, w2, tw, ids, config=SMALL)
-    for cfg in (CONFIG_AXES[0], CONFIG_AXES[1], CONFIG_AXES[3], CONFIG_AXES[4]):
+    for cfg in (CONFIG_AXES[0], CONFIG_AXES[1], CONFIG_AXES[3], CONFIG_AXES[4], CONFIG_AXES[5]):
         assert torch.equal(moe_gemv(x, w13, w2, tw, ids, config=cfg), base), cfg
+
+
+def test_split_down_rearms_its_counters_and_hands_large_batches_back():
+    # split_down's last-arriving program writes the output and zeroes its counter: a counter left armed
+    # would leave the next call's output unwritten (NaN here). Above SPLIT_DOWN_MAX_M tokens the
+    # one-program-per-token kernel runs; the bits are the same either way.
+    from microturn_kernels.moe_gemv import SPLIT_DOWN_MAX_M
+
+    cfg = dataclasses.replace(SMALL, split_down=True)
+    x, w13, w2, tw, ids = make_moe(4, 6, 2, 64, 32, seed=16)
+    expected = moe_gemv(x, w13, w2, tw, ids, config=SMALL)
+    for _ in range(3):
+        out = torch.full_like(x, float("nan"))
+        assert torch.equal(moe_gemv(x, w13, w2, tw, ids, out=out, config=cfg), expected)
+    M = SPLIT_DOWN_MAX_M + 3
+    x, w13, w2, tw, ids = make_moe(M, 6, 2, 64, 32, seed=17)
+    big = moe_gemv(x, w13, w2, tw, ids, config=cfg)
+    assert torch.equal(big, moe_gemv(x, w13, w2, tw, ids, config=SMALL))
+    assert torch.equal(big[-4:], moe_gemv(x[-4:], w13, w2, tw[-4:], ids[-4:], config=cfg))
 
 
 def test_default_config_and_int64_ids_and_scaling():
@@ -212,7 +232,13 @@ def test_gpu_pdl_and_hints_bitwise_equal_in_a_graph(E, K, D, I):
     x, w13, w2, tw, ids = make_moe(8, E, K, D, I, seed=15, device="cuda")
     base = moe_gemv_config(D, I)
     expected = moe_gemv(x, w13, w2, tw, ids, config=base)
-    cfg = dataclasses.replace(base, pdl=True, prefetch_w2=True, evict_first=True)
+    # the same with split_down: its per-pair programs wait for h, the last arrival per row block combines
+    for cfg in (dataclasses.replace(base, pdl=True, prefetch_w2=True, evict_first=True),
+                dataclasses.replace(base, pdl=True, split_down=True)):  # fmt: skip
+        _assert_graph_replays_bitwise(x, w13, w2, tw, ids, cfg, expected)
+
+
+def _assert_graph_replays_bitwise(x, w13, w2, tw, ids, cfg, expected):
     out = torch.empty_like(x)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
