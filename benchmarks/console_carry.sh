@@ -2,23 +2,25 @@
 # The browser console's GPU check (benchmarks/console_check.py) needs Chromium and Playwright's Python driver,
 # which the GPU machine lacks and cannot download (~190 MB: more than one device call carries). `pack` (on
 # the CPU machine, Debian 12) fetches them once and cuts them into parts of at most PART_MB (default 55) MiB;
-# each part travels in its own device call on one warm machine (an ignored path that a later call does not
-# name stays there), the first call with .devbundle too. `install` (on the GPU machine, once every part is
-# there) joins and unpacks them and prints the exports that console_check.py needs, and the libraries
+# each part travels in its own device call on one warm machine, and that call copies it out of the tree
+# (`mkdir -p /tmp/parts && cp .console/partNN /tmp/parts/`): a call's tree replaces the last one's, carried
+# paths included, while /tmp stays as long as the machine is held. `install` (on the GPU machine, once every
+# part is there) joins and unpacks them and prints the exports that console_check.py needs, and the libraries
 # Chromium still lacks there (each a Debian package to add to LIBS and pack again).
 #   bash benchmarks/console_carry.sh pack [.console]       # then: echo /.console/ >> .git/info/exclude
-#   bash benchmarks/console_carry.sh install [.console]    # on the GPU machine; eval its last line
+#   bash benchmarks/console_carry.sh install /tmp/parts    # on the GPU machine; eval its last line
 set -euo pipefail
 dir=${2:-.console}
-# Chromium's direct dependencies that a CUDA container image is unlikely to hold (libc, libgcc, zlib and
-# the other base-system ones are left out).
+# Chromium's dependencies that a CUDA container image is unlikely to hold (libc, libgcc, zlib and the other
+# base-system ones are left out; the last line is what `install` found missing on the H200 machine, Ubuntu 24.04).
 LIBS="chromium chromium-common libasound2 libatk-bridge2.0-0 libatk1.0-0 libatspi2.0-0 libcairo2 libcups2
   libdav1d6 libdbus-1-3 libdouble-conversion3 libflac12 libfontconfig1 libfreetype6 libgbm1 libharfbuzz-subset0
   libharfbuzz0b libjpeg62-turbo liblcms2-2 libminizip1 libnspr4 libnss3 libopenh264-7 libopenjp2-7 libopus0
   libpango-1.0-0 libpulse0 libx11-6 libxcb1 libxcomposite1 libxdamage1 libxext6 libxfixes3 libxkbcommon0
   libxnvctrl0 libxrandr2 libdrm2 libwayland-server0 libxau6 libxdmcp6 libpixman-1-0 libpng16-16 libxrender1
   libxcb-render0 libxcb-shm0 libgraphite2-3 libfribidi0 libthai0 libdatrie1 libpangocairo-1.0-0
-  libpangoft2-1.0-0 libavahi-client3 libavahi-common3 libgnutls30 libsndfile1 libasyncns0 libx11-xcb1"
+  libpangoft2-1.0-0 libavahi-client3 libavahi-common3 libgnutls30 libsndfile1 libasyncns0 libx11-xcb1
+  libglib2.0-0 libunistring2 libxi6 libogg0 libvorbis0a libvorbisenc2 libmpg123-0 libmp3lame0"
 # Playwright's Python driver for the GPU machine's CPython 3.12 (the versions of requirements/cpu-test.lock).
 WHEELS="playwright==1.63.0 greenlet==3.5.6 pyee==13.0.1"
 case "${1:-}" in
