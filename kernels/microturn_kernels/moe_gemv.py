@@ -85,7 +85,7 @@ class MoeGemvConfig:
     pdl: programmatic dependent launch (Hopper+, CUDA only; ignored elsewhere): the down kernel is launched
       while the gate-up kernel drains, takes SM slots as they free up and waits (griddepcontrol.wait)
       before it reads h or writes out; the launch gap and the first kernel's tail overlap the second's start.
-    prefetch_w2: with pdl, each down program asks L2 for its w2 rows (one bulk prefetch per top-k slot)
+    prefetch_w2: with pdl, each down program asks L2 for its w2 rows (one bulk prefetch per expert it reads)
       before it waits, so its weight stream starts during the gate-up tail.
     split_down: at small M (up to SPLIT_DOWN_MAX_M tokens) the down kernel runs one program per (pair, row
       block) instead of per (token, row block), K times the programs for the same bytes: each writes its
@@ -113,12 +113,17 @@ class MoeGemvConfig:
 SPLIT_DOWN_MAX_M = 64
 
 
-# Keyed by (D, I). Starting points for H100 (bytes in flight per program ~8-16 KB, >= 4 programs per SM at
-# M=1); benchmarks/moe_decode.py --sweep times alternatives. Changing an entry changes low bits of outputs.
+# Keyed by (D, I). The first and last: each field group's best of the H200 sweep, merged
+# (benchmarks/results/moe_sweep_h200.json); Mixtral's: an H100 starting point, not yet swept on the H200.
+# Changing an entry changes low bits of outputs.
 _CONFIGS: dict[tuple[int, int], MoeGemvConfig] = {
-    (2048, 768): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=4, BLOCK_K=256),  # E=128 top-8 (Qwen3-30B-A3B)
+    # E=128 top-8 (Qwen3-30B-A3B)
+    (2048, 768): MoeGemvConfig(BLOCK_I=16, BLOCK_D=256, BLOCK_N=16, BLOCK_K=256, gate_up_stages=3, pdl=True,
+                               split_down=True),  # fmt: skip
     (4096, 14336): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=8, BLOCK_K=512),  # E=8 top-2 (Mixtral 8x7B)
-    (4096, 2048): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=4, BLOCK_K=512),  # E=256 top-6
+    # E=256 top-6
+    (4096, 2048): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=4, BLOCK_K=512, gate_up_stages=3, down_stages=3,
+                                pdl=True),  # fmt: skip
 }
 
 
@@ -308,17 +313,20 @@ def _down_split_kernel(
     STAGES: tl.constexpr,
     EVICT: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH_W2: tl.constexpr,
 ):
     # split_down (MoeGemvConfig): grid (P, cdiv(D, BLOCK_N)), one pair's rows per program; the combine of
     # `_down_combine_kernel` runs in whichever of a token's K programs arrives last.
     pair = tl.program_id(0)
     nblk = tl.program_id(1)
     m = pair // K
+    e = tl.load(ids_ptr + m * stride_idm + pair % K).to(tl.int64)
+    if PREFETCH_W2:  # as in `_down_combine_kernel`, for this program's one expert
+        _prefetch_l2(w2_ptr + tl.maximum(e, 0) * (D * I) + nblk.to(tl.int64) * (BLOCK_N * I), BLOCK_N * I * 2)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # h is written by the gate-up grid
     rows = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < D
-    e = tl.load(ids_ptr + m * stride_idm + pair % K).to(tl.int64)
     y = _down_pair(h_ptr, w2_ptr, tl.maximum(e, 0), e >= 0, pair, rows, row_mask, D, I, BLOCK_N, BLOCK_K, STAGES,
                    EVICT)  # fmt: skip
     tl.store(y_ptr + pair.to(tl.int64) * D + rows, y, mask=row_mask)
@@ -435,7 +443,7 @@ def moe_gemv(
             h, w2, topk_ids, topk_weights, out, y, arrivals,
             topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
             D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
-            USE_PDL=pdl, num_warps=cfg.down_warps, launch_pdl=pdl,
+            USE_PDL=pdl, PREFETCH_W2=prefetch, num_warps=cfg.down_warps, launch_pdl=pdl,
         )  # fmt: skip
         return out
     _down_combine_kernel[(M, n_blocks)](
