@@ -91,12 +91,17 @@ class AlignedAttentionConfig:
       H100 (benchmarks/results/attention_h100.json), 64 made decode at batch >= 8 ~1.55x slower than SGLang's
       Triton decode (padding rows cost real work there), 16 keeps it within ~5-10% while a 16-token extend
       over 32k of history is still ~8x faster than SGLang's extend.
+    num_warps: 2. Measured on an H200 (benchmarks/results/attention_variants_h200.json, decode replayed from
+      CUDA graphs beside SGLang's Triton decode): 0.15-1.06x SGLang's time at every measured (batch, length),
+      where 4 warps took 0.18-1.38x (1k keys: 1.22-1.38x); a 16-token extend over 8k-64k is 2.9-14x faster
+      than SGLang's extend (4 warps: 1.9-9.2x). Not profiled; a stage-1 program's [16, 64] score tile is
+      little work to spread over 4 warps.
     """
 
     split_size: int = 256
     block_n: int = 64
     block_m: int = 16
-    num_warps: int = 4
+    num_warps: int = 2
     num_stages: int = 2
 
     def __post_init__(self):
