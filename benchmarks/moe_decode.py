@@ -25,57 +25,19 @@ import time
 
 import torch
 
+from benchmarks import moe_timing
 from benchmarks.moe_shapes import DOWN_FIELDS, FLAG_FIELDS, GATE_UP_FIELDS, selected_shapes, sweep_candidates
+from benchmarks.moe_timing import (
+    CALLS_PER_GRAPH, REPLAYS, ROUTING_SETS, expert_weights, read_kernel, setup_sglang, time_graph,
+)
 from benchmarks.run_record import write_result
 
 DECODE_M = [1, 2, 4, 8, 16, 32]
 PREFILL_M = [128, 1024]  # alignment-mode cost at prefill sizes
-ROUTING_SETS = 8
-CALLS_PER_GRAPH = 16
-REPLAYS = 7
 DEVICE = "cuda"  # the sweep's tensors; tests/benchmarks/test_moe_sweep.py dry-runs its plumbing on the CPU
 
 
-def setup_sglang():
-    from sglang.srt.runtime_context import get_context
-
-    get_context().override_server_args().install()
-    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
-
-    init_distributed_environment(
-        world_size=1, rank=0, local_rank=0, distributed_init_method="tcp://127.0.0.1:29555", backend="nccl"
-    )
-    initialize_model_parallel(1)
-
-
 # ------------------------------------------------------------------------------------------ timing
-def time_graph(fn_for_call, calls=CALLS_PER_GRAPH, replays=REPLAYS) -> float:
-    """Median microseconds per call: `calls` calls (fn_for_call(i)) captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(min(calls, ROUTING_SETS)):  # compile, autotune caches, torch.compile warm-up
-            fn_for_call(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn_for_call(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return statistics.median(samples)
-
-
 def time_eager(fn, reps=3) -> float:
     fn()
     torch.cuda.synchronize()
@@ -90,17 +52,6 @@ def time_eager(fn, reps=3) -> float:
 
 def measure_bandwidth() -> dict:
     import triton
-    import triton.language as tl
-
-    @triton.jit
-    def read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
-        pid = tl.program_id(0)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        base = pid.to(tl.int64) * BLOCK * STEPS
-        for s in tl.static_range(STEPS):
-            offs = base + s * BLOCK + tl.arange(0, BLOCK)
-            acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
     n = 2 * 1024**3  # 4 GiB of bf16
     x = torch.ones(n, device="cuda", dtype=torch.bfloat16)
@@ -131,14 +82,10 @@ def measure_bandwidth() -> dict:
 
 # ---------------------------------------------------------------------------------------- one shape
 def routing(M, E, K, seed):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    logits = torch.randn(M, E, device=DEVICE, generator=g)
-    weights, ids = torch.topk(logits.softmax(-1), K, dim=-1)
-    return weights.contiguous(), ids.to(torch.int32).contiguous(), logits
+    return moe_timing.routing(M, E, K, seed, device=DEVICE)
 
 
 def bench_shape(E, K, D, I, args, bw_read) -> dict:
-    from sglang.srt.layers.moe.moe_runner.base import MoeRunnerConfig
     from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import fused_experts
     from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe_triton_config import get_moe_configs
     from sglang.srt.layers.moe.topk import StandardTopKOutput
@@ -146,14 +93,7 @@ def bench_shape(E, K, D, I, args, bw_read) -> dict:
     from microturn_kernels.moe_gemv import moe_gemv, moe_gemv_aligned, moe_gemv_config
     from microturn_kernels.moe_reference import moe_reference
 
-    torch.manual_seed(0)
-    w13 = torch.randn(E, 2 * I, D, device="cuda", dtype=torch.bfloat16).mul_(D**-0.5)
-    w2 = torch.randn(E, D, I, device="cuda", dtype=torch.bfloat16).mul_(I**-0.5)
-    expert_bytes = (w13[0].numel() + w2[0].numel()) * 2
-    cfg = MoeRunnerConfig(
-        num_experts=E, num_local_experts=E, hidden_size=D, intermediate_size_per_partition=I, top_k=K,
-        params_dtype=torch.bfloat16, activation="silu", is_gated=True, inplace=False,
-    )  # fmt: skip
+    w13, w2, expert_bytes, cfg = expert_weights(E, K, D, I)
     tuned = get_moe_configs(E, I, None)
     row = {
         "E": E, "K": K, "D": D, "I": I, "expert_bytes": expert_bytes,
@@ -283,21 +223,13 @@ def sweep_shape(E, K, D, I, bw_read, deadline, record) -> dict:
     """
     from dataclasses import asdict
 
-    from sglang.srt.layers.moe.moe_runner.base import MoeRunnerConfig
     from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import fused_experts
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
     from microturn_kernels.moe_gemv import moe_gemv, moe_gemv_config
     from microturn_kernels.moe_reference import moe_reference
 
-    torch.manual_seed(0)
-    w13 = torch.randn(E, 2 * I, D, device=DEVICE, dtype=torch.bfloat16).mul_(D**-0.5)
-    w2 = torch.randn(E, D, I, device=DEVICE, dtype=torch.bfloat16).mul_(I**-0.5)
-    expert_bytes = (w13[0].numel() + w2[0].numel()) * 2
-    moe_cfg = MoeRunnerConfig(
-        num_experts=E, num_local_experts=E, hidden_size=D, intermediate_size_per_partition=I, top_k=K,
-        params_dtype=torch.bfloat16, activation="silu", is_gated=True, inplace=False,
-    )  # fmt: skip
+    w13, w2, expert_bytes, moe_cfg = expert_weights(E, K, D, I, device=DEVICE)
     base = moe_gemv_config(D, I)
     row = {"E": E, "K": K, "D": D, "I": I, "expert_bytes": expert_bytes, "default_config": asdict(base),
            "configs": [], "decode": []}  # fmt: skip

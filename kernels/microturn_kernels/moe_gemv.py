@@ -10,13 +10,17 @@ Math (SGLang's, for activation "silu", gated, router weight applied after the do
   h[p]   = silu(x[m] @ w13[e, :I].T) * (x[m] @ w13[e, I:].T)            p = (m, k), e = topk_ids[m, k]
   out[m] = scale * sum_k topk_weights[m, k] * (h[(m, k)] @ w2[e].T)       scale = routed_scaling_factor or 1
 
-Kernels (no padding, sorting or block-alignment pass; no atomics; no host sync):
+Kernels (no padding, sorting or block-alignment pass; no atomics in the arithmetic; no host sync):
   1. `_gate_up_silu_kernel`, grid (P, cdiv(I, BLOCK_I)): one program computes BLOCK_I gate rows and the
      same BLOCK_I up rows of one pair, applies SiLU-and-multiply and stores h[p, rows] in bf16.
      Each needed w13 row is read once per token.
   2. `_down_combine_kernel`, grid (M, cdiv(D, BLOCK_N)): one program computes BLOCK_N output rows of one
      token: for k = 0..K-1 in order, the down-projection dot of h[(m, k)] with w2[e_k, rows], times
      topk_weights[m, k], summed in fp32; only the final [M, D] bf16 output is written.
+  3. `_down_split_kernel` (`MoeGemvConfig.split_down`, M <= SPLIT_DOWN_MAX_M), grid (P, cdiv(D, BLOCK_N)):
+     the down kernel with one program per pair instead of per token (K times the programs at small M). Each
+     writes its fp32 down projection; the last of a token's K programs to arrive (an atomic counter per
+     token and row block, re-armed by that program) sums the K results in k order: the same bits as 2.
   With `MoeGemvConfig.pdl` the down kernel is a programmatic dependent launch: its programs start while the
   gate-up grid drains (optionally bulk-prefetching their w2 rows into L2) and wait for it before reading h.
   The pair / token index is grid axis 0, the fastest-launched one: programs that run at the same time work
@@ -425,14 +429,28 @@ def moe_gemv(
         return out
     h = torch.empty((M * K, I), device=hidden_states.device, dtype=torch.bfloat16)  # [P, I]
     pdl = cfg.pdl and _pdl_supported(hidden_states.device)
-    evict = "evict_first" if cfg.evict_first else ""
+    launch_gate_up(hidden_states, w13, topk_ids, h, cfg, pdl)
+    scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
+    launch_down(h, w2, topk_ids, topk_weights, out, cfg, scale, pdl)
+    return out
+
+
+# The two stages of `moe_gemv`, inputs already checked; apart so benchmarks/moe_breakdown.py can time each.
+def launch_gate_up(hidden_states, w13, topk_ids, h, cfg: MoeGemvConfig, pdl: bool) -> None:
+    """h [P, I] = silu(gate) * up for every (token, expert) pair."""
+    (M, D), K, I = hidden_states.shape, topk_ids.shape[1], h.shape[1]
     _gate_up_silu_kernel[(M * K, triton.cdiv(I, cfg.BLOCK_I))](
         hidden_states, w13, topk_ids, h,
         hidden_states.stride(0), topk_ids.stride(0),
-        D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, STAGES=cfg.gate_up_stages, EVICT=evict, USE_PDL=pdl,
-        num_warps=cfg.gate_up_warps,
+        D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, STAGES=cfg.gate_up_stages,
+        EVICT="evict_first" if cfg.evict_first else "", USE_PDL=pdl, num_warps=cfg.gate_up_warps,
     )  # fmt: skip
-    scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
+
+
+def launch_down(h, w2, topk_ids, topk_weights, out, cfg: MoeGemvConfig, scale: float, pdl: bool) -> None:
+    """out [M, D] = scale * sum_k topk_weights[:, k] * (h[(m, k)] @ w2[e].T), in k order."""
+    (M, D), K, I = out.shape, topk_ids.shape[1], h.shape[1]
+    evict = "evict_first" if cfg.evict_first else ""
     # The bulk prefetch needs whole, 16-byte aligned row blocks.
     prefetch = pdl and cfg.prefetch_w2 and D % cfg.BLOCK_N == 0 and (cfg.BLOCK_N * I * 2) % 16 == 0
     n_blocks = triton.cdiv(D, cfg.BLOCK_N)
@@ -445,15 +463,13 @@ def moe_gemv(
             D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
             USE_PDL=pdl, PREFETCH_W2=prefetch, num_warps=cfg.down_warps, launch_pdl=pdl,
         )  # fmt: skip
-        return out
+        return
     _down_combine_kernel[(M, n_blocks)](
         h, w2, topk_ids, topk_weights, out,
         topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
         D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
-        USE_PDL=pdl, PREFETCH_W2=prefetch,
-        num_warps=cfg.down_warps, launch_pdl=pdl,
+        USE_PDL=pdl, PREFETCH_W2=prefetch, num_warps=cfg.down_warps, launch_pdl=pdl,
     )  # fmt: skip
-    return out
 
 
 _ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SHARED = {"servers", "workloads", "run_record", "moe_shapes", "server_cpu"}
+SHARED = {"servers", "workloads", "run_record", "moe_shapes", "moe_timing", "server_cpu"}
 MODULES = sorted(p for p in BENCHMARKS.glob("*.py") if p.name != "__init__.py")
 
 
