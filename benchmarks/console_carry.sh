@@ -12,7 +12,8 @@
 set -euo pipefail
 dir=${2:-.console}
 # Chromium's dependencies that a CUDA container image is unlikely to hold (libc, libgcc, zlib and the other
-# base-system ones are left out; the last line is what `install` found missing on the H200 machine, Ubuntu 24.04).
+# base-system ones are left out; the last two lines: what `install` found missing on the H200 machine, Ubuntu
+# 24.04, and a font, without which the page's text is not drawn there).
 LIBS="chromium chromium-common libasound2 libatk-bridge2.0-0 libatk1.0-0 libatspi2.0-0 libcairo2 libcups2
   libdav1d6 libdbus-1-3 libdouble-conversion3 libflac12 libfontconfig1 libfreetype6 libgbm1 libharfbuzz-subset0
   libharfbuzz0b libjpeg62-turbo liblcms2-2 libminizip1 libnspr4 libnss3 libopenh264-7 libopenjp2-7 libopus0
@@ -20,7 +21,8 @@ LIBS="chromium chromium-common libasound2 libatk-bridge2.0-0 libatk1.0-0 libatsp
   libxnvctrl0 libxrandr2 libdrm2 libwayland-server0 libxau6 libxdmcp6 libpixman-1-0 libpng16-16 libxrender1
   libxcb-render0 libxcb-shm0 libgraphite2-3 libfribidi0 libthai0 libdatrie1 libpangocairo-1.0-0
   libpangoft2-1.0-0 libavahi-client3 libavahi-common3 libgnutls30 libsndfile1 libasyncns0 libx11-xcb1
-  libglib2.0-0 libunistring2 libxi6 libogg0 libvorbis0a libvorbisenc2 libmpg123-0 libmp3lame0"
+  libglib2.0-0 libunistring2 libxi6 libogg0 libvorbis0a libvorbisenc2 libmpg123-0 libmp3lame0
+  fonts-dejavu-core"
 # Playwright's Python driver for the GPU machine's CPython 3.12 (the versions of requirements/cpu-test.lock).
 WHEELS="playwright==1.63.0 greenlet==3.5.6 pyee==13.0.1"
 case "${1:-}" in
@@ -46,9 +48,13 @@ case "${1:-}" in
     chrome="$root/unpack/usr/lib/chromium/chromium"
     echo "=== libraries Chromium still lacks here:"
     LD_LIBRARY_PATH=$libs ldd "$chrome" | grep "not found" || echo "none"
+    # fontconfig reads this file alone: the unpacked fonts (the machine may have none).
+    printf '<?xml version="1.0"?>\n<fontconfig><dir>%s</dir><cachedir>%s</cachedir></fontconfig>\n' \
+      "$root/unpack/usr/share/fonts" "$root/fontcache" >"$root/fonts.conf"
     # The unpacked libraries reach Chromium alone, through a wrapper: the server that console_check starts
     # must keep the machine's own libraries.
-    printf '#!/bin/sh\nexport LD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\nexec %s "$@"\n' "$libs" "$chrome" >"$root/chromium"
+    printf '#!/bin/sh\nexport LD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} FONTCONFIG_FILE=%s\nexec %s "$@"\n' \
+      "$libs" "$root/fonts.conf" "$chrome" >"$root/chromium"
     chmod +x "$root/chromium"
     echo "export MICROTURN_CHROMIUM=$root/chromium PYTHONPATH=$root/site\${PYTHONPATH:+:\$PYTHONPATH}"
     ;;
