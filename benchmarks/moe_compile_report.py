@@ -31,6 +31,14 @@ GATE_UP_ARGS = {"x_ptr": "*bf16", "w13_ptr": "*bf16", "ids_ptr": "*i32", "h_ptr"
                 "stride_idm": "i32"}  # fmt: skip
 DOWN_ARGS = {"h_ptr": "*bf16", "w2_ptr": "*bf16", "ids_ptr": "*i32", "tw_ptr": "*fp32", "out_ptr": "*bf16",
              "stride_idm": "i32", "stride_twm": "i32", "stride_om": "i32", "scale": "fp32"}  # fmt: skip
+SPLIT_DOWN_ARGS = {"h_ptr": "*bf16", "w2_ptr": "*bf16", "ids_ptr": "*i32", "tw_ptr": "*fp32", "out_ptr": "*bf16",
+                   "y_ptr": "*fp32", "arrivals_ptr": "*i32", "stride_idm": "i32", "stride_twm": "i32",
+                   "stride_om": "i32", "scale": "fp32"}  # fmt: skip
+GROUPED_GATE_UP_ARGS = {"x_ptr": "*bf16", "w13_ptr": "*bf16", "ids_ptr": "*i32", "order_ptr": "*i32", "h_ptr": "*bf16",
+                        "stride_xm": "i32", "stride_idm": "i32", "P": "i32"}  # fmt: skip
+GROUPED_DOWN_ARGS = {"h_ptr": "*bf16", "w2_ptr": "*bf16", "ids_ptr": "*i32", "tw_ptr": "*fp32", "order_ptr": "*i32",
+                     "out_ptr": "*bf16", "y_ptr": "*fp32", "arrivals_ptr": "*i32", "stride_idm": "i32",
+                     "stride_twm": "i32", "stride_om": "i32", "P": "i32", "scale": "fp32"}  # fmt: skip
 ALIGNED_INTS = ("stride_xm", "stride_om")  # multiples of D: specialized as divisible by 16 at launch
 
 
@@ -63,8 +71,19 @@ def variants(D: int, I: int, K: int, cfg: mg.MoeGemvConfig):
                    USE_PDL=cfg.pdl)  # fmt: skip
     down = dict(D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
                 USE_PDL=cfg.pdl, PREFETCH_W2=prefetch)  # fmt: skip
+    if cfg.group_pairs:  # constexprs in the kernels' parameter order
+        grouped_gate_up = dict(D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, G=mg.PAIR_GROUP,
+                               STAGES=cfg.gate_up_stages, EVICT=evict, USE_PDL=cfg.pdl)  # fmt: skip
+        grouped_down = dict(D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, G=mg.PAIR_GROUP,
+                            STAGES=cfg.down_stages, EVICT=evict, USE_PDL=cfg.pdl)  # fmt: skip
+        yield "gate_up", mg._gate_up_grouped_kernel, GROUPED_GATE_UP_ARGS, grouped_gate_up, cfg.gate_up_warps, False
+        yield "down", mg._down_grouped_kernel, GROUPED_DOWN_ARGS, grouped_down, cfg.down_warps, cfg.pdl
+        return
     yield "gate_up", mg._gate_up_silu_kernel, GATE_UP_ARGS, gate_up, cfg.gate_up_warps, False
-    yield "down", mg._down_combine_kernel, DOWN_ARGS, down, cfg.down_warps, cfg.pdl
+    if cfg.split_down:
+        yield "down", mg._down_split_kernel, SPLIT_DOWN_ARGS, down, cfg.down_warps, cfg.pdl
+    else:
+        yield "down", mg._down_combine_kernel, DOWN_ARGS, down, cfg.down_warps, cfg.pdl
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,11 @@ DOWN_GRID = [  # (BLOCK_N, BLOCK_K, warps, stages, split_down): one program per 
     (8, 512, 8, 0, True), (4, 256, 4, 3, True), (16, 512, 8, 3, True),
 ]  # fmt: skip
 FLAG_GRID = [(True, False, False), (False, True, False), (False, True, True), (True, True, True)]
+# group_pairs (one program per run of pairs sharing an expert) with its own tiles: (BLOCK_I, BLOCK_D, BLOCK_N,
+# BLOCK_K, gate_up_stages, down_stages), PDL on. Timed and reported, not merged (its tiles are not the
+# per-pair kernels').
+GROUPED_FIELDS = ("BLOCK_I", "BLOCK_D", "BLOCK_N", "BLOCK_K", "gate_up_stages", "down_stages", "group_pairs", "pdl")
+GROUPED_GRID = [(8, 128, 8, 128, 0, 0), (8, 128, 8, 256, 3, 3), (16, 128, 16, 128, 3, 0), (4, 256, 8, 256, 3, 3)]
 
 
 def sweep_candidates(base):
@@ -37,4 +42,6 @@ def sweep_candidates(base):
         out.setdefault(replace(base, **dict(zip(DOWN_FIELDS, values))), "down")
     for values in FLAG_GRID:
         out.setdefault(replace(base, **dict(zip(FLAG_FIELDS, values))), "flags")
+    for values in GROUPED_GRID:
+        out.setdefault(replace(base, **dict(zip(GROUPED_FIELDS, (*values, True, True)))), "grouped")
     return [(group, cfg) for cfg, group in out.items()]

@@ -21,6 +21,8 @@ Kernels (no padding, sorting or block-alignment pass; no atomics in the arithmet
      the down kernel with one program per pair instead of per token (K times the programs at small M). Each
      writes its fp32 down projection; the last of a token's K programs to arrive (an atomic counter per
      token and row block, re-armed by that program) sums the K results in k order: the same bits as 2.
+  4. `_gate_up_grouped_kernel`, `_down_grouped_kernel` (`MoeGemvConfig.group_pairs`): one program per run
+     of pairs that share an expert, in `pair_order`; see the section above the kernels.
   With `MoeGemvConfig.pdl` the down kernel is a programmatic dependent launch: its programs start while the
   gate-up grid drains (optionally bulk-prefetching their w2 rows into L2) and wait for it before reading h.
   The pair / token index is grid axis 0, the fastest-launched one: programs that run at the same time work
@@ -95,6 +97,11 @@ class MoeGemvConfig:
       block) instead of per (token, row block), K times the programs for the same bytes: each writes its
       fp32 down projection, and the last of a token's K programs to finish (a per-row-block arrival
       counter) sums them in k order. The same arithmetic in the same order: bitwise equal to split_down off.
+    group_pairs: both stages run one program per run of pairs that share an expert (`PAIR_GROUP` pairs per
+      weight tile, see `_gate_up_grouped_kernel`): an expert picked by several tokens is streamed once
+      instead of once per pair. Other bits than the per-pair kernels (another tile shape), the same for any
+      M and batch. Takes the place of split_down (its down stage combines the same way). Each program holds
+      PAIR_GROUP accumulator tiles: BLOCK_D and BLOCK_K a quarter of the per-pair kernels' keep registers.
     """
 
     BLOCK_I: int
@@ -109,11 +116,12 @@ class MoeGemvConfig:
     pdl: bool = False
     prefetch_w2: bool = False
     split_down: bool = False
+    group_pairs: bool = False
 
 
-# split_down's bound on M: its arrival counters ([SPLIT_DOWN_MAX_M, cdiv(D, BLOCK_N)] int32 per device) are
-# allocated once and re-armed by the kernel itself, so a captured CUDA graph needs no memset node. Larger
-# batches have parallelism enough with one program per token.
+# split_down's bound on M, and the arrival counters' ([SPLIT_DOWN_MAX_M, cdiv(D, BLOCK_N)] int32 per device):
+# allocated once and re-armed by the kernels themselves, so a captured CUDA graph needs no memset node.
+# Larger batches have parallelism enough with one program per token.
 SPLIT_DOWN_MAX_M = 64
 
 
@@ -297,6 +305,24 @@ def _down_combine_kernel(
 
 
 @triton.jit
+def _combine_token(ids_ptr, tw_ptr, y_ptr, out_ptr, counter, m, rows, row_mask, stride_idm, stride_twm, stride_om,
+                   scale, D: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Run by the program whose arrival on `counter` was token m's K-th: out[m, rows] = scale * sum_k
+    # topk_weight * y[(m, k)] in k order (the same sum as `_down_combine_kernel`), then re-arm the counter.
+    tl.debug_barrier()  # the acquire was one thread's: the CTA barrier orders every thread's loads after it
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in tl.static_range(K):
+        valid = tl.load(ids_ptr + m * stride_idm + k) >= 0
+        tw = tl.load(tw_ptr + m * stride_twm + k).to(tl.float32)
+        # .cg: from L2, where the other programs' stores are; never a stale L1 line
+        yk = tl.load(y_ptr + (m * K + k).to(tl.int64) * D + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
+        out += tl.where(valid, tw, 0.0) * yk
+    out = out * scale
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, _to_bf16(out), mask=row_mask)
+    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # re-armed for the next call: all K arrived
+
+
+@triton.jit
 def _down_split_kernel(
     h_ptr,  # [P, I] bf16, contiguous
     w2_ptr,  # [E, D, I] bf16, contiguous
@@ -339,16 +365,173 @@ def _down_split_kernel(
     tl.debug_barrier()
     counter = arrivals_ptr + m * tl.cdiv(D, BLOCK_N) + nblk
     if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == K - 1:
-        out = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k in tl.static_range(K):  # the same k-order sum as `_down_combine_kernel`
-            valid = tl.load(ids_ptr + m * stride_idm + k) >= 0
-            tw = tl.load(tw_ptr + m * stride_twm + k).to(tl.float32)
-            # .cg: from L2, where the other programs' stores are; never a stale L1 line
-            yk = tl.load(y_ptr + (m * K + k).to(tl.int64) * D + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
-            out += tl.where(valid, tw, 0.0) * yk
-        out = out * scale
-        tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, _to_bf16(out), mask=row_mask)
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # re-armed for the next call: all K arrived
+        _combine_token(ids_ptr, tw_ptr, y_ptr, out_ptr, counter, m, rows, row_mask, stride_idm, stride_twm, stride_om,
+                       scale, D, K, BLOCK_N)  # fmt: skip
+
+
+# ------------------------------------------------------------------ group_pairs: one program per expert
+# `MoeGemvConfig.group_pairs`: pairs are visited in `order` (their indices sorted by expert id, stably); the
+# program at sorted position pos leads the run of positions that share its expert when the one before it
+# has another expert, and exits otherwise. A leader streams its expert's rows once and applies them to the
+# run's pairs PAIR_GROUP at a time, each pair with its own accumulator rows of one [PAIR_GROUP, rows, chunk]
+# tile: a pair's arithmetic is the same code whichever run and whichever slot it lands in, so its bits do
+# not depend on the other pairs (batch invariance) nor on `order` (any permutation gives the same output;
+# sorting only decides how much is shared). Different from the per-pair kernels' bits (another tile shape).
+PAIR_GROUP = 4
+
+
+@triton.jit
+def _run_head(order_ptr, ids_ptr, pos, K: tl.constexpr, stride_idm):
+    # (expert id at sorted position pos, whether pos starts a run of one expert)
+    q = tl.load(order_ptr + pos)
+    e = tl.load(ids_ptr + (q // K) * stride_idm + q % K)
+    qp = tl.load(order_ptr + tl.maximum(pos - 1, 0))
+    ep = tl.load(ids_ptr + (qp // K) * stride_idm + qp % K)
+    return e, (pos == 0) | (ep != e)
+
+
+@triton.jit
+def _run_batch(order_ptr, ids_ptr, start, P, e, K: tl.constexpr, stride_idm, G: tl.constexpr):
+    # The next G sorted positions from `start`: (pair indices [G], in the run [G], the run may go on)
+    j = start + tl.arange(0, G)
+    inside = j < P
+    q = tl.load(order_ptr + j, mask=inside, other=0)
+    ej = tl.load(ids_ptr + (q // K) * stride_idm + q % K, mask=inside, other=-2)  # ids are >= -1
+    # a run is contiguous: a position belongs only if every position before it in the batch did
+    member = tl.cumsum((~(inside & (ej == e))).to(tl.int32), axis=0) == 0
+    return q, member, tl.sum(member.to(tl.int32), axis=0) == G
+
+
+@triton.jit
+def _gate_up_group_chunk(acc_g, acc_u, x_rows, member, w_gate, w_up, row_mask, c, cols, D: tl.constexpr,
+                         EVICT: tl.constexpr):  # fmt: skip
+    # `_gate_up_chunk` for G pairs at once: one [BI, BD] weight load, G accumulators [G, BI, BD].
+    d = c + cols
+    d_mask = d < D
+    xv = tl.load(x_rows[:, None] + d[None, :], mask=member[:, None] & d_mask[None, :], other=0.0)
+    xv = xv.to(tl.float32)[:, None, :]  # [G, 1, BD]
+    m2 = row_mask[:, None] & d_mask[None, :]
+    wg = tl.load(w_gate + d[None, :], mask=m2, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    wu = tl.load(w_up + d[None, :], mask=m2, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    return acc_g + wg[None, :, :] * xv, acc_u + wu[None, :, :] * xv
+
+
+@triton.jit
+def _down_group_chunk(acc, h_rows, member, w_rows, row_mask, i_valid, c, cols, I: tl.constexpr, EVICT: tl.constexpr):
+    # `_down_chunk` for G pairs at once: one [BN, BK] weight load, G accumulators [G, BN, BK].
+    i = c + cols
+    i_mask = (i < I) & i_valid
+    hv = tl.load(h_rows[:, None] + i[None, :], mask=member[:, None] & i_mask[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :], other=0.0, eviction_policy=EVICT)
+    return acc + w.to(tl.float32)[None, :, :] * hv[:, None, :]
+
+
+@triton.jit
+def _gate_up_grouped_kernel(
+    x_ptr, w13_ptr, ids_ptr, order_ptr, h_ptr,  # as `_gate_up_silu_kernel`; order [P] int32 (see above)
+    stride_xm,
+    stride_idm,
+    P,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    G: tl.constexpr,
+    STAGES: tl.constexpr,
+    EVICT: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pos = tl.program_id(0)
+    iblk = tl.program_id(1)
+    e, leader = _run_head(order_ptr, ids_ptr, pos, K, stride_idm)
+    if leader:
+        rows = iblk * BLOCK_I + tl.arange(0, BLOCK_I)  # [BI]
+        row_mask = (rows < I) & (e >= 0)
+        cols = tl.arange(0, BLOCK_D)
+        w_gate = w13_ptr + tl.maximum(e, 0).to(tl.int64) * (2 * I * D) + rows[:, None].to(tl.int64) * D  # [BI, 1]
+        w_up = w_gate + I * D
+        start = pos
+        more = True
+        while more:
+            q, member, more = _run_batch(order_ptr, ids_ptr, start, P, e, K, stride_idm, G)
+            x_rows = x_ptr + (q // K).to(tl.int64) * stride_xm  # [G]
+            acc_g = tl.zeros([G, BLOCK_I, BLOCK_D], dtype=tl.float32)
+            acc_u = tl.zeros([G, BLOCK_I, BLOCK_D], dtype=tl.float32)
+            if STAGES == 0:
+                for c in tl.static_range(0, D, BLOCK_D):
+                    acc_g, acc_u = _gate_up_group_chunk(acc_g, acc_u, x_rows, member, w_gate, w_up, row_mask, c, cols,
+                                                        D, EVICT)  # fmt: skip
+            else:
+                for c in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+                    acc_g, acc_u = _gate_up_group_chunk(acc_g, acc_u, x_rows, member, w_gate, w_up, row_mask, c, cols,
+                                                        D, EVICT)  # fmt: skip
+            g = _to_bf16(tl.sum(acc_g, axis=2)).to(tl.float32)  # [G, BI], rounded as in the per-pair kernel
+            u = _to_bf16(tl.sum(acc_u, axis=2)).to(tl.float32)
+            h = g / (1.0 + tl.exp(-g)) * u
+            out_mask = member[:, None] & (rows < I)[None, :]
+            tl.store(h_ptr + q[:, None].to(tl.int64) * I + rows[None, :], _to_bf16(h), mask=out_mask)
+            start += G
+
+
+@triton.jit
+def _down_grouped_kernel(
+    h_ptr, w2_ptr, ids_ptr, tw_ptr, order_ptr, out_ptr, y_ptr, arrivals_ptr,  # as `_down_split_kernel`
+    stride_idm,
+    stride_twm,
+    stride_om,
+    P,
+    scale,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    G: tl.constexpr,
+    STAGES: tl.constexpr,
+    EVICT: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # The down projection of a run's pairs from one stream of w2[e, rows]; each pair's result goes to y and
+    # its token's arrival counter, and a token's K-th arrival combines it (`_combine_token`).
+    pos = tl.program_id(0)
+    nblk = tl.program_id(1)
+    e, leader = _run_head(order_ptr, ids_ptr, pos, K, stride_idm)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # h is written by the gate-up grid
+    if leader:
+        rows = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < D
+        valid = e >= 0
+        w_rows = w2_ptr + tl.maximum(e, 0).to(tl.int64) * (D * I) + rows[:, None].to(tl.int64) * I  # [BN, 1]
+        cols = tl.arange(0, BLOCK_K)
+        slots = tl.arange(0, G)
+        start = pos
+        more = True
+        while more:
+            q, member, more = _run_batch(order_ptr, ids_ptr, start, P, e, K, stride_idm, G)
+            h_rows = h_ptr + q.to(tl.int64) * I  # [G]
+            acc = tl.zeros([G, BLOCK_N, BLOCK_K], dtype=tl.float32)
+            if STAGES == 0:
+                for c in tl.static_range(0, I, BLOCK_K):
+                    acc = _down_group_chunk(acc, h_rows, member, w_rows, row_mask, valid, c, cols, I, EVICT)
+            else:
+                for c in tl.range(0, I, BLOCK_K, num_stages=STAGES):
+                    acc = _down_group_chunk(acc, h_rows, member, w_rows, row_mask, valid, c, cols, I, EVICT)
+            y = tl.sum(acc, axis=2)  # [G, BN]
+            tl.store(y_ptr + q[:, None].to(tl.int64) * D + rows[None, :], y, mask=member[:, None] & row_mask[None, :])
+            tl.debug_barrier()  # every thread's y stores before the arrivals (see `_down_split_kernel`)
+            tokens = q // K
+            counters = arrivals_ptr + tokens * tl.cdiv(D, BLOCK_N) + nblk  # [G]
+            last = member & (tl.atomic_add(counters, 1, mask=member, sem="acq_rel", scope="gpu") == K - 1)
+            for j in tl.static_range(G):  # combine each token whose K-th pair this batch held
+                if tl.sum(tl.where(slots == j, last.to(tl.int32), 0), axis=0) > 0:
+                    m = tl.sum(tl.where(slots == j, tokens, 0), axis=0)
+                    _combine_token(ids_ptr, tw_ptr, y_ptr, out_ptr, arrivals_ptr + m * tl.cdiv(D, BLOCK_N) + nblk, m,
+                                   rows, row_mask, stride_idm, stride_twm, stride_om, scale, D, K, BLOCK_N)  # fmt: skip
+            start += G
 
 
 def _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
@@ -429,36 +612,58 @@ def moe_gemv(
         return out
     h = torch.empty((M * K, I), device=hidden_states.device, dtype=torch.bfloat16)  # [P, I]
     pdl = cfg.pdl and _pdl_supported(hidden_states.device)
-    launch_gate_up(hidden_states, w13, topk_ids, h, cfg, pdl)
+    order = pair_order(topk_ids) if cfg.group_pairs else None
+    launch_gate_up(hidden_states, w13, topk_ids, h, cfg, pdl, order)
     scale = 1.0 if routed_scaling_factor is None else float(routed_scaling_factor)
-    launch_down(h, w2, topk_ids, topk_weights, out, cfg, scale, pdl)
+    launch_down(h, w2, topk_ids, topk_weights, out, cfg, scale, pdl, order)
     return out
 
 
 # The two stages of `moe_gemv`, inputs already checked; apart so benchmarks/moe_breakdown.py can time each.
-def launch_gate_up(hidden_states, w13, topk_ids, h, cfg: MoeGemvConfig, pdl: bool) -> None:
-    """h [P, I] = silu(gate) * up for every (token, expert) pair."""
+def launch_gate_up(hidden_states, w13, topk_ids, h, cfg: MoeGemvConfig, pdl: bool, order=None) -> None:
+    """h [P, I] = silu(gate) * up for every (token, expert) pair. `order`: `pair_order(topk_ids)`, for
+    group_pairs (made here when not given)."""
     (M, D), K, I = hidden_states.shape, topk_ids.shape[1], h.shape[1]
-    _gate_up_silu_kernel[(M * K, triton.cdiv(I, cfg.BLOCK_I))](
+    grid = (M * K, triton.cdiv(I, cfg.BLOCK_I))
+    evict = "evict_first" if cfg.evict_first else ""
+    if cfg.group_pairs:
+        _gate_up_grouped_kernel[grid](
+            hidden_states, w13, topk_ids, pair_order(topk_ids) if order is None else order, h,
+            hidden_states.stride(0), topk_ids.stride(0), M * K,
+            D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, G=PAIR_GROUP, STAGES=cfg.gate_up_stages,
+            EVICT=evict, USE_PDL=pdl, num_warps=cfg.gate_up_warps,
+        )  # fmt: skip
+        return
+    _gate_up_silu_kernel[grid](
         hidden_states, w13, topk_ids, h,
         hidden_states.stride(0), topk_ids.stride(0),
         D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, STAGES=cfg.gate_up_stages,
-        EVICT="evict_first" if cfg.evict_first else "", USE_PDL=pdl, num_warps=cfg.gate_up_warps,
+        EVICT=evict, USE_PDL=pdl, num_warps=cfg.gate_up_warps,
     )  # fmt: skip
 
 
-def launch_down(h, w2, topk_ids, topk_weights, out, cfg: MoeGemvConfig, scale: float, pdl: bool) -> None:
-    """out [M, D] = scale * sum_k topk_weights[:, k] * (h[(m, k)] @ w2[e].T), in k order."""
+def launch_down(h, w2, topk_ids, topk_weights, out, cfg: MoeGemvConfig, scale: float, pdl: bool,
+                order=None) -> None:  # fmt: skip
+    """out [M, D] = scale * sum_k topk_weights[:, k] * (h[(m, k)] @ w2[e].T), in k order. `order` as in
+    `launch_gate_up`."""
     (M, D), K, I = out.shape, topk_ids.shape[1], h.shape[1]
     evict = "evict_first" if cfg.evict_first else ""
     # The bulk prefetch needs whole, 16-byte aligned row blocks.
     prefetch = pdl and cfg.prefetch_w2 and D % cfg.BLOCK_N == 0 and (cfg.BLOCK_N * I * 2) % 16 == 0
     n_blocks = triton.cdiv(D, cfg.BLOCK_N)
-    arrivals = _split_down_arrivals(out.device, n_blocks) if cfg.split_down and M <= SPLIT_DOWN_MAX_M else None
-    if arrivals is not None:
-        y = torch.empty((M * K, D), device=out.device, dtype=torch.float32)
+    if cfg.group_pairs:
+        _down_grouped_kernel[(M * K, n_blocks)](
+            h, w2, topk_ids, topk_weights, pair_order(topk_ids) if order is None else order, out,
+            torch.empty((M * K, D), device=out.device, dtype=torch.float32), _arrival_counters(out.device, M, n_blocks),
+            topk_ids.stride(0), topk_weights.stride(0), out.stride(0), M * K, scale,
+            D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, G=PAIR_GROUP, STAGES=cfg.down_stages,
+            EVICT=evict, USE_PDL=pdl, num_warps=cfg.down_warps, launch_pdl=pdl,
+        )  # fmt: skip
+        return
+    if cfg.split_down and M <= SPLIT_DOWN_MAX_M:
         _down_split_kernel[(M * K, n_blocks)](
-            h, w2, topk_ids, topk_weights, out, y, arrivals,
+            h, w2, topk_ids, topk_weights, out,
+            torch.empty((M * K, D), device=out.device, dtype=torch.float32), _arrival_counters(out.device, M, n_blocks),
             topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
             D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
             USE_PDL=pdl, PREFETCH_W2=prefetch, num_warps=cfg.down_warps, launch_pdl=pdl,
@@ -472,24 +677,39 @@ def launch_down(h, w2, topk_ids, topk_weights, out, cfg: MoeGemvConfig, scale: f
     )  # fmt: skip
 
 
-_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+def pair_order(topk_ids: torch.Tensor) -> torch.Tensor:
+    """group_pairs' visiting order: pair indices m * K + k sorted by expert id, stably ([P] int32). One token
+    has K distinct experts, nothing to share: its order is the identity (no sort launched)."""
+    M, K = topk_ids.shape
+    if M == 1:
+        return _cached(("order", topk_ids.device, K), lambda: torch.arange(K, device=topk_ids.device, dtype=torch.int32))
+    return torch.sort(topk_ids.reshape(-1), stable=True).indices.to(torch.int32)
 
 
-def _split_down_arrivals(device: torch.device, n_blocks: int) -> torch.Tensor | None:
-    """split_down's arrival counters for `n_blocks` row blocks on `device` (zero between calls), or None when
-    they would have to be made inside a CUDA-graph capture (the memory would belong to the graph's pool):
-    the caller then runs the one-program-per-token down kernel, which gives the same bits.
+_CACHE: dict[tuple, torch.Tensor] = {}
 
-    Made once per (device, n_blocks) and never freed (a captured graph keeps their address); shared by every
-    call of that shape, so calls on one device must not overlap on two streams (SGLang runs a model's
-    forward on one stream)."""
-    key = (device, n_blocks)
-    buf = _ARRIVALS.get(key)
+
+def _cached(key: tuple, make) -> torch.Tensor:
+    # Made once and never freed: a captured CUDA graph keeps the address. Made inside a capture, the
+    # memory would belong to the graph's pool: then a fresh tensor for this call (the capture records its
+    # making) and nothing kept.
+    buf = _CACHE.get(key)
     if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _ARRIVALS[key] = torch.zeros(SPLIT_DOWN_MAX_M * n_blocks, device=device, dtype=torch.int32)
+        if key[1].type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return make()
+        buf = _CACHE[key] = make()
     return buf
+
+
+def _arrival_counters(device: torch.device, M: int, n_blocks: int) -> torch.Tensor:
+    """Arrival counters for M tokens x n_blocks row blocks, zero on entry; the kernels re-arm them to zero.
+    Up to SPLIT_DOWN_MAX_M tokens they are one buffer per (device, n_blocks), shared by every call of that
+    shape: calls on one device must not overlap on two streams (SGLang runs a model's forward on one stream).
+    Larger M (prefill under group_pairs) zeroes a buffer per call."""
+    if M > SPLIT_DOWN_MAX_M:
+        return torch.zeros(M * n_blocks, device=device, dtype=torch.int32)
+    return _cached(("arrivals", device, n_blocks),
+                   lambda: torch.zeros(SPLIT_DOWN_MAX_M * n_blocks, device=device, dtype=torch.int32))  # fmt: skip
 
 
 def moe_gemv_aligned(

@@ -21,7 +21,8 @@ def test_candidates_vary_one_group_and_merge_takes_each_groups_winner():
     for group, cfg in cands[1:]:
         changed = {f for f in moe_decode.GATE_UP_FIELDS + moe_decode.DOWN_FIELDS + moe_decode.FLAG_FIELDS
                    if getattr(cfg, f) != getattr(BASE, f)}  # fmt: skip
-        fields = {"gate_up": moe_decode.GATE_UP_FIELDS, "down": moe_decode.DOWN_FIELDS, "flags": moe_decode.FLAG_FIELDS}
+        fields = {"gate_up": moe_decode.GATE_UP_FIELDS, "down": moe_decode.DOWN_FIELDS, "flags": moe_decode.FLAG_FIELDS,
+                  "grouped": moe_shapes.GROUPED_FIELDS}  # fmt: skip
         assert changed and changed <= set(fields[group]), (group, cfg)
     g = replace(BASE, BLOCK_I=16, gate_up_stages=3)
     d = replace(BASE, BLOCK_N=4, down_warps=8)
@@ -42,6 +43,7 @@ def test_sweep_dry_run_writes_complete_json(tmp_path, monkeypatch):
     monkeypatch.setattr(moe_shapes, "GATE_UP_GRID", [(16, 64, 4, 0), (4, 32, 2, 2)])
     monkeypatch.setattr(moe_shapes, "DOWN_GRID", [(4, 32, 4, 0, False), (2, 16, 2, 3, True)])
     monkeypatch.setattr(moe_shapes, "FLAG_GRID", [(True, True, True)])
+    monkeypatch.setattr(moe_shapes, "GROUPED_GRID", [(8, 16, 8, 16, 0, 2)])
     monkeypatch.setattr(moe_decode, "measure_bandwidth", lambda: {"pure_read_TBps": 3.0})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(fused_moe, "fused_experts", lambda **kw: kw["hidden_states"])

@@ -58,6 +58,7 @@ CONFIG_AXES = [
     dataclasses.replace(SMALL, evict_first=True),
     dataclasses.replace(SMALL, pdl=True, prefetch_w2=True),
     dataclasses.replace(SMALL, split_down=True),
+    dataclasses.replace(SMALL, group_pairs=True, BLOCK_D=16, BLOCK_K=8, gate_up_stages=2),
 ]
 
 
@@ -187,6 +188,40 @@ def test_bad_inputs_raise_typed_errors():
 
 
 # ---------------------------------------------------------------- GPU, real shapes (skipped without CUDA)
+def test_group_pairs_shares_experts_without_changing_any_tokens_bits():
+    # One program per run of pairs with one expert: the bits of a pair must not depend on its run (length,
+    # slot, which pairs share it) nor on the visiting order; runs longer than PAIR_GROUP loop; a filtered
+    # expert (-1) contributes nothing; M above SPLIT_DOWN_MAX_M takes counters made per call.
+    from microturn_kernels.moe_gemv import PAIR_GROUP, SPLIT_DOWN_MAX_M, launch_down, launch_gate_up, pair_order
+
+    cfg = dataclasses.replace(SMALL, group_pairs=True)
+    x, w13, w2, tw, ids = make_moe(7, 4, 2, 96, 40, seed=18)  # 14 pairs on 4 experts
+    ids[0] = torch.tensor([2, 1])
+    ids[1:, 0] = 2  # expert 2 in every token: a run of 7 > PAIR_GROUP
+    ids[3, 1] = -1
+    assert (ids == 2).sum() > PAIR_GROUP
+    out = moe_gemv(x, w13, w2, tw, ids, config=cfg)
+    assert_close_to_reference(out, x, w13, w2, tw, ids)
+    for m in range(7):
+        alone = moe_gemv(x[m : m + 1], w13, w2, tw[m : m + 1], ids[m : m + 1], config=cfg)
+        assert torch.equal(alone, out[m : m + 1]), m
+    # any visiting order, the same bits: the reversed sort splits every run differently
+    h = torch.empty(14, 40, dtype=torch.bfloat16)
+    reordered = torch.full_like(x, float("nan"))
+    order = pair_order(ids).flip(0).contiguous()
+    launch_gate_up(x, w13, ids, h, cfg, False, order)
+    launch_down(h, w2, ids, tw, reordered, cfg, 1.0, False, order)
+    assert torch.equal(reordered, out)
+    # counters re-armed: a second call into a NaN-filled out writes every row again
+    again = torch.full_like(x, float("nan"))
+    assert torch.equal(moe_gemv(x, w13, w2, tw, ids, out=again, config=cfg), out)
+    M = SPLIT_DOWN_MAX_M + 2
+    x, w13, w2, tw, ids = make_moe(M, 4, 2, 64, 32, seed=19)
+    big = moe_gemv(x, w13, w2, tw, ids, config=cfg)
+    assert_close_to_reference(big, x, w13, w2, tw, ids)
+    assert torch.equal(big[-1:], moe_gemv(x[-1:], w13, w2, tw[-1:], ids[-1:], config=cfg))
+
+
 REAL_SHAPES = [(128, 8, 2048, 768), (8, 2, 4096, 14336), (256, 6, 4096, 2048)]  # (E, K, D, I)
 
 
@@ -236,6 +271,12 @@ def test_gpu_pdl_and_hints_bitwise_equal_in_a_graph(E, K, D, I):
     for cfg in (dataclasses.replace(base, pdl=True, prefetch_w2=True, evict_first=True),
                 dataclasses.replace(base, pdl=True, split_down=True)):  # fmt: skip
         _assert_graph_replays_bitwise(x, w13, w2, tw, ids, cfg, expected)
+    # group_pairs has bits of its own: the graph must replay its eager output, which is batch-invariant
+    grouped = dataclasses.replace(base, pdl=True, group_pairs=True, BLOCK_D=128, BLOCK_K=128)
+    eager = moe_gemv(x, w13, w2, tw, ids, config=grouped)
+    assert_close_to_reference(eager[:2], x[:2], w13, w2, tw[:2], ids[:2])
+    assert torch.equal(moe_gemv(x[3:4], w13, w2, tw[3:4], ids[3:4], config=grouped), eager[3:4])
+    _assert_graph_replays_bitwise(x, w13, w2, tw, ids, grouped, eager)
 
 
 def _assert_graph_replays_bitwise(x, w13, w2, tw, ids, cfg, expected):
