@@ -34,9 +34,9 @@ DOWN_ARGS = {"h_ptr": "*bf16", "w2_ptr": "*bf16", "ids_ptr": "*i32", "tw_ptr": "
 SPLIT_DOWN_ARGS = {"h_ptr": "*bf16", "w2_ptr": "*bf16", "ids_ptr": "*i32", "tw_ptr": "*fp32", "out_ptr": "*bf16",
                    "y_ptr": "*fp32", "arrivals_ptr": "*i32", "stride_idm": "i32", "stride_twm": "i32",
                    "stride_om": "i32", "scale": "fp32"}  # fmt: skip
-GROUPED_GATE_UP_ARGS = {"x_ptr": "*bf16", "w13_ptr": "*bf16", "ids_ptr": "*i32", "order_ptr": "*i32", "h_ptr": "*bf16",
+GROUPED_GATE_UP_ARGS = {"x_ptr": "*bf16", "w13_ptr": "*bf16", "ids_ptr": "*i32", "order_ptr": "*i64", "h_ptr": "*bf16",
                         "stride_xm": "i32", "stride_idm": "i32", "P": "i32"}  # fmt: skip
-GROUPED_DOWN_ARGS = {"h_ptr": "*bf16", "w2_ptr": "*bf16", "ids_ptr": "*i32", "tw_ptr": "*fp32", "order_ptr": "*i32",
+GROUPED_DOWN_ARGS = {"h_ptr": "*bf16", "w2_ptr": "*bf16", "ids_ptr": "*i32", "tw_ptr": "*fp32", "order_ptr": "*i64",
                      "out_ptr": "*bf16", "y_ptr": "*fp32", "arrivals_ptr": "*i32", "stride_idm": "i32",
                      "stride_twm": "i32", "stride_om": "i32", "P": "i32", "scale": "fp32"}  # fmt: skip
 ALIGNED_INTS = ("stride_xm", "stride_om")  # multiples of D: specialized as divisible by 16 at launch

@@ -428,7 +428,7 @@ def _down_group_chunk(acc, h_rows, member, w_rows, row_mask, i_valid, c, cols, I
 
 @triton.jit
 def _gate_up_grouped_kernel(
-    x_ptr, w13_ptr, ids_ptr, order_ptr, h_ptr,  # as `_gate_up_silu_kernel`; order [P] int32 (see above)
+    x_ptr, w13_ptr, ids_ptr, order_ptr, h_ptr,  # as `_gate_up_silu_kernel`; order [P] int64 (see above)
     stride_xm,
     stride_idm,
     P,
@@ -678,12 +678,13 @@ def launch_down(h, w2, topk_ids, topk_weights, out, cfg: MoeGemvConfig, scale: f
 
 
 def pair_order(topk_ids: torch.Tensor) -> torch.Tensor:
-    """group_pairs' visiting order: pair indices m * K + k sorted by expert id, stably ([P] int32). One token
-    has K distinct experts, nothing to share: its order is the identity (no sort launched)."""
+    """group_pairs' visiting order: pair indices m * K + k sorted by expert id, stably ([P] int64, as the sort
+    gives them: no conversion launch). One token has K distinct experts, nothing to share: its order is the
+    identity (no sort launched)."""
     M, K = topk_ids.shape
     if M == 1:
-        return _cached(("order", topk_ids.device, K), lambda: torch.arange(K, device=topk_ids.device, dtype=torch.int32))
-    return torch.sort(topk_ids.reshape(-1), stable=True).indices.to(torch.int32)
+        return _cached(("order", topk_ids.device, K), lambda: torch.arange(K, device=topk_ids.device))
+    return torch.sort(topk_ids.reshape(-1), stable=True).indices
 
 
 _CACHE: dict[tuple, torch.Tensor] = {}
