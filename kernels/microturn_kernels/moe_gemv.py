@@ -101,7 +101,8 @@ class MoeGemvConfig:
       weight tile, see `_gate_up_grouped_kernel`): an expert picked by several tokens is streamed once
       instead of once per pair. Other bits than the per-pair kernels (another tile shape), the same for any
       M and batch. Takes the place of split_down (its down stage combines the same way). Each program holds
-      PAIR_GROUP accumulator tiles: BLOCK_D and BLOCK_K a quarter of the per-pair kernels' keep registers.
+      PAIR_GROUP accumulator tiles, so BLOCK_D and BLOCK_K about a quarter of the per-pair kernels' keep
+      its registers in bounds.
     """
 
     BLOCK_I: int
