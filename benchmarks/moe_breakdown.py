@@ -16,6 +16,7 @@ import argparse
 import sys
 
 import torch
+import triton
 
 from benchmarks.moe_timing import ROUTING_SETS, expert_weights, read_kernel, routing, setup_sglang, time_graph
 from benchmarks.run_record import write_result
@@ -24,8 +25,6 @@ CASES = [((128, 8, 2048, 768), [1, 2, 4, 8]), ((8, 2, 4096, 14336), [1, 4, 8]), 
 
 
 def pure_read_us(nbytes: int) -> float:
-    import triton
-
     n = nbytes // 2
     bufs = [torch.ones(n, device="cuda", dtype=torch.bfloat16) for _ in range(ROUTING_SETS)]
     grid = triton.cdiv(n, 4096 * 4)

@@ -684,20 +684,21 @@ def pair_order(topk_ids: torch.Tensor) -> torch.Tensor:
     identity (no sort launched)."""
     M, K = topk_ids.shape
     if M == 1:
-        return _cached(("order", topk_ids.device, K), lambda: torch.arange(K, device=topk_ids.device))
+        return _cached(topk_ids.device, ("order", K), lambda: torch.arange(K, device=topk_ids.device))
     return torch.sort(topk_ids.reshape(-1), stable=True).indices
 
 
 _CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _cached(key: tuple, make) -> torch.Tensor:
+def _cached(device: torch.device, what: tuple, make) -> torch.Tensor:
     # Made once and never freed: a captured CUDA graph keeps the address. Made inside a capture, the
     # memory would belong to the graph's pool: then a fresh tensor for this call (the capture records its
     # making) and nothing kept.
+    key = (device, *what)
     buf = _CACHE.get(key)
     if buf is None:
-        if key[1].type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return make()
         buf = _CACHE[key] = make()
     return buf
@@ -710,7 +711,7 @@ def _arrival_counters(device: torch.device, M: int, n_blocks: int) -> torch.Tens
     Larger M (prefill under group_pairs) zeroes a buffer per call."""
     if M > SPLIT_DOWN_MAX_M:
         return torch.zeros(M * n_blocks, device=device, dtype=torch.int32)
-    return _cached(("arrivals", device, n_blocks),
+    return _cached(device, ("arrivals", n_blocks),
                    lambda: torch.zeros(SPLIT_DOWN_MAX_M * n_blocks, device=device, dtype=torch.int32))  # fmt: skip
 
 
