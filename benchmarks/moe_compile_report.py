@@ -81,7 +81,8 @@ def variants(D: int, I: int, K: int, cfg: mg.MoeGemvConfig):
         return
     yield "gate_up", mg._gate_up_silu_kernel, GATE_UP_ARGS, gate_up, cfg.gate_up_warps, False
     if cfg.split_down:
-        yield "down", mg._down_split_kernel, SPLIT_DOWN_ARGS, down, cfg.down_warps, cfg.pdl
+        split = dict(down, PRELOAD_W2=cfg.preload_w2)
+        yield "down", mg._down_split_kernel, SPLIT_DOWN_ARGS, split, cfg.down_warps, cfg.pdl
     else:
         yield "down", mg._down_combine_kernel, DOWN_ARGS, down, cfg.down_warps, cfg.pdl
 

@@ -11,17 +11,23 @@ def selected_shapes(args):
 
 
 GATE_UP_FIELDS = ("BLOCK_I", "BLOCK_D", "gate_up_warps", "gate_up_stages")
-DOWN_FIELDS = ("BLOCK_N", "BLOCK_K", "down_warps", "down_stages", "split_down")
+DOWN_FIELDS = ("BLOCK_N", "BLOCK_K", "down_warps", "down_stages", "split_down", "preload_w2")
 FLAG_FIELDS = ("evict_first", "pdl", "prefetch_w2")
 GATE_UP_GRID = [  # (BLOCK_I, BLOCK_D, warps, stages): unrolled vs pipelined, narrow vs wide tiles
     (4, 512, 4, 0), (16, 256, 4, 0), (8, 1024, 8, 0), (16, 512, 8, 0),
     (8, 512, 4, 2), (8, 512, 4, 3), (16, 256, 4, 3), (4, 1024, 4, 3), (16, 512, 8, 3),
 ]  # fmt: skip
-DOWN_GRID = [  # (BLOCK_N, BLOCK_K, warps, stages, split_down): one program per token, then per pair
-    (4, 256, 4, 0, False), (8, 256, 4, 0, False), (2, 512, 4, 0, False), (8, 512, 8, 0, False),
-    (4, 256, 4, 3, False), (4, 512, 4, 3, False), (8, 512, 8, 3, False), (16, 256, 8, 3, False),
-    (2, 256, 2, 0, True), (4, 256, 4, 0, True), (8, 256, 4, 0, True), (16, 256, 4, 0, True),
-    (8, 512, 8, 0, True), (4, 256, 4, 3, True), (16, 512, 8, 3, True),
+DOWN_GRID = [  # (BLOCK_N, BLOCK_K, warps, stages, split_down, preload_w2): one program per token, then per pair,
+    # then per pair with its weights loaded before the wait for the gate-up grid (whole tiles: BLOCK_K >= I)
+    (4, 256, 4, 0, False, False), (8, 256, 4, 0, False, False), (2, 512, 4, 0, False, False),
+    (8, 512, 8, 0, False, False), (4, 256, 4, 3, False, False), (4, 512, 4, 3, False, False),
+    (8, 512, 8, 3, False, False), (16, 256, 8, 3, False, False),
+    (2, 256, 2, 0, True, False), (4, 256, 4, 0, True, False), (8, 256, 4, 0, True, False),
+    (16, 256, 4, 0, True, False), (8, 512, 8, 0, True, False), (4, 256, 4, 3, True, False),
+    (16, 512, 8, 3, True, False),
+    (16, 256, 4, 0, True, True), (8, 512, 4, 0, True, True), (4, 1024, 2, 0, True, True),
+    (8, 1024, 4, 0, True, True), (16, 1024, 8, 0, True, True), (4, 2048, 4, 0, True, True),
+    (8, 2048, 8, 0, True, True),
 ]  # fmt: skip
 FLAG_GRID = [(True, False, False), (False, True, False), (False, True, True), (True, True, True)]
 # group_pairs (one program per run of pairs sharing an expert) with its own tiles: (BLOCK_I, BLOCK_D, BLOCK_N,

@@ -97,6 +97,10 @@ class MoeGemvConfig:
       block) instead of per (token, row block), K times the programs for the same bytes: each writes its
       fp32 down projection, and the last of a token's K programs to finish (a per-row-block arrival
       counter) sums them in k order. The same arithmetic in the same order: bitwise equal to split_down off.
+    preload_w2: split_down's programs load their first w2 chunk (their whole tile when BLOCK_K >= I) into
+      registers before they wait for the gate-up grid, so under pdl the down stage's weight stream runs
+      beside the gate-up stage's instead of after it. Only where the load sits: the same bits as without.
+      The per-token down kernel (M > SPLIT_DOWN_MAX_M, or split_down off) ignores it.
     group_pairs: both stages run one program per run of pairs that share an expert (`PAIR_GROUP` pairs per
       weight tile, see `_gate_up_grouped_kernel`): an expert picked by several tokens is streamed once
       instead of once per pair. Other bits than the per-pair kernels (another tile shape), the same for any
@@ -117,6 +121,7 @@ class MoeGemvConfig:
     pdl: bool = False
     prefetch_w2: bool = False
     split_down: bool = False
+    preload_w2: bool = False
     group_pairs: bool = False
 
 
@@ -233,29 +238,39 @@ def _gate_up_silu_kernel(
 
 
 @triton.jit
-def _down_chunk(acc, h_row, w_rows, row_mask, i_valid, c, cols, I: tl.constexpr, EVICT: tl.constexpr):
-    # acc += w2 * h over the I-chunk starting at c: [BN, BK] fp32 elementwise, reduced once per pair.
+def _down_weights(w_rows, row_mask, i_valid, c, cols, I: tl.constexpr, EVICT: tl.constexpr):
+    # The [BN, BK] w2 tile of the I-chunk starting at c (zeros where masked).
     i = c + cols
-    i_mask = (i < I) & i_valid
-    hv = tl.load(h_row + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]  # [1, BK]
-    w = tl.load(w_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :], other=0.0, eviction_policy=EVICT)
+    m2 = row_mask[:, None] & ((i < I) & i_valid)[None, :]
+    return tl.load(w_rows + i[None, :], mask=m2, other=0.0, eviction_policy=EVICT)
+
+
+@triton.jit
+def _down_fma(acc, h_row, w, i_valid, c, cols, I: tl.constexpr):
+    # acc += w * h over the I-chunk starting at c: [BN, BK] fp32 elementwise, reduced once per pair.
+    i = c + cols
+    hv = tl.load(h_row + i, mask=(i < I) & i_valid, other=0.0).to(tl.float32)[None, :]  # [1, BK]
     return acc + w.to(tl.float32) * hv
 
 
 @triton.jit
-def _down_pair(h_ptr, w2_ptr, e, valid, pair, rows, row_mask, D: tl.constexpr, I: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr):
-    # One pair's down projection on BLOCK_N output rows, fp32 [BN]: the dot of h[pair] with w2[e, rows].
-    w_rows = w2_ptr + e * (D * I) + rows[:, None].to(tl.int64) * I  # [BN, 1]
+def _down_rows(w2_ptr, e, rows, D: tl.constexpr, I: tl.constexpr):
+    return w2_ptr + e * (D * I) + rows[:, None].to(tl.int64) * I  # [BN, 1]: expert e's w2 rows
+
+
+@triton.jit
+def _down_pair(acc, h_ptr, w_rows, valid, pair, row_mask, START: tl.constexpr, I: tl.constexpr,
+               BLOCK_K: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr):
+    # One pair's down projection on BLOCK_N output rows, fp32 [BN]: the dot of h[pair] with w2[e, rows],
+    # the I-chunks from START on added to acc ([BN, BK], the chunks before START already in it) in order.
     h_row = h_ptr + pair.to(tl.int64) * I
     cols = tl.arange(0, BLOCK_K)  # [BK]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if STAGES == 0:
-        for c in tl.static_range(0, I, BLOCK_K):
-            acc = _down_chunk(acc, h_row, w_rows, row_mask, valid, c, cols, I, EVICT)
+        for c in tl.static_range(START, I, BLOCK_K):
+            acc = _down_fma(acc, h_row, _down_weights(w_rows, row_mask, valid, c, cols, I, EVICT), valid, c, cols, I)
     else:
-        for c in tl.range(0, I, BLOCK_K, num_stages=STAGES):
-            acc = _down_chunk(acc, h_row, w_rows, row_mask, valid, c, cols, I, EVICT)
+        for c in tl.range(START, I, BLOCK_K, num_stages=STAGES):
+            acc = _down_fma(acc, h_row, _down_weights(w_rows, row_mask, valid, c, cols, I, EVICT), valid, c, cols, I)
     return tl.sum(acc, axis=1)
 
 
@@ -298,8 +313,9 @@ def _down_combine_kernel(
         e = tl.load(ids_ptr + m * stride_idm + k).to(tl.int64)
         tw = tl.load(tw_ptr + m * stride_twm + k).to(tl.float32)
         valid = e >= 0
-        y = _down_pair(h_ptr, w2_ptr, tl.maximum(e, 0), valid, m * K + k, rows, row_mask, D, I, BLOCK_N, BLOCK_K,
-                       STAGES, EVICT)  # fmt: skip
+        w_rows = _down_rows(w2_ptr, tl.maximum(e, 0), rows, D, I)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        y = _down_pair(acc, h_ptr, w_rows, valid, m * K + k, row_mask, 0, I, BLOCK_K, STAGES, EVICT)
         out += tl.where(valid, tw, 0.0) * y
     out = out * scale
     tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, _to_bf16(out), mask=row_mask)
@@ -345,6 +361,7 @@ def _down_split_kernel(
     EVICT: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH_W2: tl.constexpr,
+    PRELOAD_W2: tl.constexpr,
 ):
     # split_down (MoeGemvConfig): grid (P, cdiv(D, BLOCK_N)), one pair's rows per program; the combine of
     # `_down_combine_kernel` runs in whichever of a token's K programs arrives last.
@@ -352,14 +369,23 @@ def _down_split_kernel(
     nblk = tl.program_id(1)
     m = pair // K
     e = tl.load(ids_ptr + m * stride_idm + pair % K).to(tl.int64)
+    valid = e >= 0
+    e = tl.maximum(e, 0)
     if PREFETCH_W2:  # as in `_down_combine_kernel`, for this program's one expert
-        _prefetch_l2(w2_ptr + tl.maximum(e, 0) * (D * I) + nblk.to(tl.int64) * (BLOCK_N * I), BLOCK_N * I * 2)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # h is written by the gate-up grid
+        _prefetch_l2(w2_ptr + e * (D * I) + nblk.to(tl.int64) * (BLOCK_N * I), BLOCK_N * I * 2)
     rows = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < D
-    y = _down_pair(h_ptr, w2_ptr, tl.maximum(e, 0), e >= 0, pair, rows, row_mask, D, I, BLOCK_N, BLOCK_K, STAGES,
-                   EVICT)  # fmt: skip
+    w_rows = _down_rows(w2_ptr, e, rows, D, I)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if PRELOAD_W2:  # the first chunk's weights into registers while the gate-up grid still runs
+        w_first = _down_weights(w_rows, row_mask, valid, 0, tl.arange(0, BLOCK_K), I, EVICT)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # h is written by the gate-up grid
+    if PRELOAD_W2:  # the same sum in the same order as without the preload: chunk 0, then the rest
+        acc = _down_fma(acc, h_ptr + pair.to(tl.int64) * I, w_first, valid, 0, tl.arange(0, BLOCK_K), I)
+        y = _down_pair(acc, h_ptr, w_rows, valid, pair, row_mask, BLOCK_K, I, BLOCK_K, STAGES, EVICT)
+    else:
+        y = _down_pair(acc, h_ptr, w_rows, valid, pair, row_mask, 0, I, BLOCK_K, STAGES, EVICT)
     tl.store(y_ptr + pair.to(tl.int64) * D + rows, y, mask=row_mask)
     # Every thread's store is issued before the arrival (CTA barrier), and the gpu-scope release of the
     # arrival publishes them to the program that acquires it last.
@@ -419,7 +445,7 @@ def _gate_up_group_chunk(acc_g, acc_u, x_rows, member, w_gate, w_up, row_mask, c
 
 @triton.jit
 def _down_group_chunk(acc, h_rows, member, w_rows, row_mask, i_valid, c, cols, I: tl.constexpr, EVICT: tl.constexpr):
-    # `_down_chunk` for G pairs at once: one [BN, BK] weight load, G accumulators [G, BN, BK].
+    # `_down_weights` + `_down_fma` for G pairs at once: one [BN, BK] weight load, G accumulators [G, BN, BK].
     i = c + cols
     i_mask = (i < I) & i_valid
     hv = tl.load(h_rows[:, None] + i[None, :], mask=member[:, None] & i_mask[None, :], other=0.0).to(tl.float32)
@@ -667,7 +693,7 @@ def launch_down(h, w2, topk_ids, topk_weights, out, cfg: MoeGemvConfig, scale: f
             torch.empty((M * K, D), device=out.device, dtype=torch.float32), _arrival_counters(out.device, M, n_blocks),
             topk_ids.stride(0), topk_weights.stride(0), out.stride(0), scale,
             D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
-            USE_PDL=pdl, PREFETCH_W2=prefetch, num_warps=cfg.down_warps, launch_pdl=pdl,
+            USE_PDL=pdl, PREFETCH_W2=prefetch, PRELOAD_W2=cfg.preload_w2, num_warps=cfg.down_warps, launch_pdl=pdl,
         )  # fmt: skip
         return
     _down_combine_kernel[(M, n_blocks)](

@@ -41,7 +41,7 @@ def test_sweep_dry_run_writes_complete_json(tmp_path, monkeypatch):
     monkeypatch.setattr(moe_decode, "DECODE_M", [1, 2])
     monkeypatch.setattr(moe_decode, "SWEEP_M_FOR_RANKING", [1, 2])
     monkeypatch.setattr(moe_shapes, "GATE_UP_GRID", [(16, 64, 4, 0), (4, 32, 2, 2)])
-    monkeypatch.setattr(moe_shapes, "DOWN_GRID", [(4, 32, 4, 0, False), (2, 16, 2, 3, True)])
+    monkeypatch.setattr(moe_shapes, "DOWN_GRID", [(4, 32, 4, 0, False, False), (2, 16, 2, 3, True, False), (8, 32, 2, 0, True, True)])
     monkeypatch.setattr(moe_shapes, "FLAG_GRID", [(True, True, True)])
     monkeypatch.setattr(moe_shapes, "GROUPED_GRID", [(8, 16, 8, 16, 0, 2)])
     monkeypatch.setattr(moe_decode, "measure_bandwidth", lambda: {"pure_read_TBps": 3.0})

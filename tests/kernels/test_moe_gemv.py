@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+import triton
 
 from microturn_kernels.moe_gemv import MoeGemvConfig, MoeGemvInputError, moe_gemv, moe_gemv_aligned
 from microturn_kernels.moe_reference import moe_reference
@@ -58,6 +59,7 @@ CONFIG_AXES = [
     dataclasses.replace(SMALL, evict_first=True),
     dataclasses.replace(SMALL, pdl=True, prefetch_w2=True),
     dataclasses.replace(SMALL, split_down=True),
+    dataclasses.replace(SMALL, split_down=True, preload_w2=True, down_stages=2),  # chunk 0 of 3 preloaded
     dataclasses.replace(SMALL, group_pairs=True, BLOCK_D=16, BLOCK_K=8, gate_up_stages=2),
 ]
 
@@ -79,8 +81,21 @@ def test_loop_form_and_hints_keep_the_arithmetic():
     # order: bitwise equal to the base config (on the GPU this is checked by the sweep for each config).
     x, w13, w2, tw, ids = make_moe(3, 8, 3, 96, 40, seed=14)
     base = moe_gemv(x, w13, w2, tw, ids, config=SMALL)
-    for cfg in (CONFIG_AXES[0], CONFIG_AXES[1], CONFIG_AXES[3], CONFIG_AXES[4], CONFIG_AXES[5]):
+    for cfg in (CONFIG_AXES[0], CONFIG_AXES[1], CONFIG_AXES[3], CONFIG_AXES[4], CONFIG_AXES[5], CONFIG_AXES[6]):
         assert torch.equal(moe_gemv(x, w13, w2, tw, ids, config=cfg), base), cfg
+
+
+def test_preloaded_whole_tile_keeps_the_per_token_kernels_bits():
+    # preload_w2 with BLOCK_K >= I: each down program holds its whole w2 tile (I=40 in one masked chunk of
+    # 64) before the wait; the bits are those of the per-token kernel with the same tiles (every M, also
+    # above SPLIT_DOWN_MAX_M, where that kernel takes over).
+    whole = dataclasses.replace(SMALL, BLOCK_K=64)
+    x, w13, w2, tw, ids = make_moe(3, 8, 3, 96, 40, seed=18)
+    expected = moe_gemv(x, w13, w2, tw, ids, config=whole)
+    assert_close_to_reference(expected, x, w13, w2, tw, ids)
+    for cfg in (dataclasses.replace(whole, split_down=True, preload_w2=True),
+                dataclasses.replace(whole, split_down=True, preload_w2=True, pdl=True, down_warps=2)):  # fmt: skip
+        assert torch.equal(moe_gemv(x, w13, w2, tw, ids, config=cfg), expected), cfg
 
 
 def test_split_down_rearms_its_counters_and_hands_large_batches_back():
@@ -268,9 +283,15 @@ def test_gpu_pdl_and_hints_bitwise_equal_in_a_graph(E, K, D, I):
     base = moe_gemv_config(D, I)
     expected = moe_gemv(x, w13, w2, tw, ids, config=base)
     # the same with split_down: its per-pair programs wait for h, the last arrival per row block combines
+    # and with preload_w2: they hold (the first chunk of) their weights while they wait
     for cfg in (dataclasses.replace(base, pdl=True, prefetch_w2=True, evict_first=True),
-                dataclasses.replace(base, pdl=True, split_down=True)):  # fmt: skip
+                dataclasses.replace(base, pdl=True, split_down=True),
+                dataclasses.replace(base, pdl=True, split_down=True, preload_w2=True)):  # fmt: skip
         _assert_graph_replays_bitwise(x, w13, w2, tw, ids, cfg, expected)
+    if I <= 2048:  # the whole tile in registers (Mixtral's 14336 would not fit)
+        whole = dataclasses.replace(base, BLOCK_K=triton.next_power_of_2(I), down_warps=4)
+        preloaded = dataclasses.replace(whole, pdl=True, split_down=True, preload_w2=True)
+        _assert_graph_replays_bitwise(x, w13, w2, tw, ids, preloaded, moe_gemv(x, w13, w2, tw, ids, config=whole))
     # group_pairs has bits of its own: the graph must replay its eager output, which is batch-invariant
     grouped = dataclasses.replace(base, pdl=True, group_pairs=True, BLOCK_D=128, BLOCK_K=128)
     eager = moe_gemv(x, w13, w2, tw, ids, config=grouped)
