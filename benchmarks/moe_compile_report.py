@@ -68,18 +68,20 @@ def variants(D: int, I: int, K: int, cfg: mg.MoeGemvConfig):
     evict = "evict_first" if cfg.evict_first else ""
     prefetch = cfg.pdl and cfg.prefetch_w2 and D % cfg.BLOCK_N == 0
     gate_up = dict(D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, STAGES=cfg.gate_up_stages, EVICT=evict,
-                   USE_PDL=cfg.pdl)  # fmt: skip
+                   USE_PDL=cfg.pdl, WAIT_PREVIOUS=cfg.pdl_gate_up)  # fmt: skip
     down = dict(D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, STAGES=cfg.down_stages, EVICT=evict,
                 USE_PDL=cfg.pdl, PREFETCH_W2=prefetch)  # fmt: skip
     if cfg.group_pairs:  # constexprs in the kernels' parameter order
         grouped_gate_up = dict(D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, G=mg.PAIR_GROUP,
-                               STAGES=cfg.gate_up_stages, EVICT=evict, USE_PDL=cfg.pdl)  # fmt: skip
+                               STAGES=cfg.gate_up_stages, EVICT=evict, USE_PDL=cfg.pdl,
+                               WAIT_PREVIOUS=cfg.pdl_gate_up)  # fmt: skip
         grouped_down = dict(D=D, I=I, K=K, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, G=mg.PAIR_GROUP,
                             STAGES=cfg.down_stages, EVICT=evict, USE_PDL=cfg.pdl)  # fmt: skip
-        yield "gate_up", mg._gate_up_grouped_kernel, GROUPED_GATE_UP_ARGS, grouped_gate_up, cfg.gate_up_warps, False
+        yield ("gate_up", mg._gate_up_grouped_kernel, GROUPED_GATE_UP_ARGS, grouped_gate_up, cfg.gate_up_warps,
+               cfg.pdl_gate_up)  # fmt: skip
         yield "down", mg._down_grouped_kernel, GROUPED_DOWN_ARGS, grouped_down, cfg.down_warps, cfg.pdl
         return
-    yield "gate_up", mg._gate_up_silu_kernel, GATE_UP_ARGS, gate_up, cfg.gate_up_warps, False
+    yield "gate_up", mg._gate_up_silu_kernel, GATE_UP_ARGS, gate_up, cfg.gate_up_warps, cfg.pdl_gate_up
     if cfg.split_down:
         split = dict(down, PRELOAD_W2=cfg.preload_w2)
         yield "down", mg._down_split_kernel, SPLIT_DOWN_ARGS, split, cfg.down_warps, cfg.pdl

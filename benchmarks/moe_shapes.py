@@ -12,7 +12,7 @@ def selected_shapes(args):
 
 GATE_UP_FIELDS = ("BLOCK_I", "BLOCK_D", "gate_up_warps", "gate_up_stages")
 DOWN_FIELDS = ("BLOCK_N", "BLOCK_K", "down_warps", "down_stages", "split_down", "preload_w2")
-FLAG_FIELDS = ("evict_first", "pdl", "prefetch_w2")
+FLAG_FIELDS = ("evict_first", "pdl", "prefetch_w2", "pdl_gate_up")
 GATE_UP_GRID = [  # (BLOCK_I, BLOCK_D, warps, stages): unrolled vs pipelined, narrow vs wide tiles
     (4, 512, 4, 0), (16, 256, 4, 0), (8, 1024, 8, 0), (16, 512, 8, 0),
     (8, 512, 4, 2), (8, 512, 4, 3), (16, 256, 4, 3), (4, 1024, 4, 3), (16, 512, 8, 3),
@@ -29,7 +29,8 @@ DOWN_GRID = [  # (BLOCK_N, BLOCK_K, warps, stages, split_down, preload_w2): one 
     (8, 1024, 4, 0, True, True), (16, 1024, 8, 0, True, True), (4, 2048, 4, 0, True, True),
     (8, 2048, 8, 0, True, True),
 ]  # fmt: skip
-FLAG_GRID = [(True, False, False), (False, True, False), (False, True, True), (True, True, True)]
+FLAG_GRID = [(True, False, False, False), (False, True, False, False), (False, True, True, False),
+             (True, True, True, False), (False, True, False, True), (False, False, False, True)]  # fmt: skip
 # group_pairs (one program per run of pairs sharing an expert) with its own tiles: (BLOCK_I, BLOCK_D, BLOCK_N,
 # BLOCK_K, gate_up_stages, down_stages), PDL on. Timed and reported, not merged (its tiles are not the
 # per-pair kernels').

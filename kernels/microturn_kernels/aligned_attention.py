@@ -25,7 +25,7 @@ Design (one code path for every mode):
     crosses requests; no heuristic looks at the batch.
 
 Precision contract:
-  * Bitwise: for fixed (S, BLOCK_N, BLOCK_M, num_warps, dtype, head dims, group size) and the same K/V/q
+  * Bitwise: for fixed (S, BLOCK_N, BLOCK_M, num_warps, num_stages, dtype, head dims, group size) and the same K/V/q
     values of a token, `aligned_extend` and `aligned_decode` return identical bits for that token whatever
     the chunking of its request, the other requests in the batch, the batch order, or `workspace_bytes`
     (launch chunking). Changing any of the fixed parameters changes bits (a trainer must use the same ones).
@@ -91,18 +91,20 @@ class AlignedAttentionConfig:
       H100 (benchmarks/results/attention_h100.json), 64 made decode at batch >= 8 ~1.55x slower than SGLang's
       Triton decode (padding rows cost real work there), 16 keeps it within ~5-10% while a 16-token extend
       over 32k of history is still ~8x faster than SGLang's extend.
-    num_warps: 2. Measured on an H200 (benchmarks/results/attention_variants_h200.json, decode replayed from
-      CUDA graphs beside SGLang's Triton decode): 0.15-1.06x SGLang's time at every measured (batch, length),
-      where 4 warps took 0.18-1.38x (1k keys: 1.22-1.38x); a 16-token extend over 8k-64k is 2.9-14x faster
-      than SGLang's extend (4 warps: 1.9-9.2x). Not profiled; a stage-1 program's [16, 64] score tile is
-      little work to spread over 4 warps.
+    num_warps, num_stages: 2 and 3. Measured on an H200, decode replayed from CUDA graphs beside SGLang's
+      Triton decode: 2 warps and 3 stages took 0.15-1.02x SGLang's time at every measured (batch 1-32,
+      1k-64k keys) and ran 16-token extends over 8k-64k 3.2-15x faster than SGLang's extend
+      (benchmarks/results/attention_variants_stages_h200.json); 2 warps with 2 stages 0.15-1.05x, 4 warps
+      with 2 stages 0.18-1.38x (attention_variants_h200.json). Not profiled; a stage-1 program's [16, 64]
+      score tile is little work to spread over 4 warps, and at 1k keys a program's 4 key tiles are a chain
+      of load latencies that a third stage overlaps.
     """
 
     split_size: int = 256
     block_n: int = 64
     block_m: int = 16
     num_warps: int = 2
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self):
         for name in ("split_size", "block_n", "block_m"):

@@ -24,7 +24,9 @@ Kernels (no padding, sorting or block-alignment pass; no atomics in the arithmet
   4. `_gate_up_grouped_kernel`, `_down_grouped_kernel` (`MoeGemvConfig.group_pairs`): one program per run
      of pairs that share an expert, in `pair_order`; see the section above the kernels.
   With `MoeGemvConfig.pdl` the down kernel is a programmatic dependent launch: its programs start while the
-  gate-up grid drains (optionally bulk-prefetching their w2 rows into L2) and wait for it before reading h.
+  gate-up grid drains (optionally bulk-prefetching their w2 rows into L2, or with `preload_w2` loading them)
+  and wait for it before reading h; with `pdl_gate_up` the gate-up kernel starts the same way after the
+  stream's previous kernel.
   The pair / token index is grid axis 0, the fastest-launched one: programs that run at the same time work
   on the same rows of every expert, so tokens sharing an expert read its rows from L2 rather than HBM.
 
@@ -97,6 +99,9 @@ class MoeGemvConfig:
       block) instead of per (token, row block), K times the programs for the same bytes: each writes its
       fp32 down projection, and the last of a token's K programs to finish (a per-row-block arrival
       counter) sums them in k order. The same arithmetic in the same order: bitwise equal to split_down off.
+    pdl_gate_up: the gate-up kernel too is a programmatic dependent launch (Hopper+, CUDA only): it starts
+      while the stream's previous kernel drains and waits for it (griddepcontrol.wait) before its first
+      read, so its launch latency overlaps that kernel's tail. Independent of pdl.
     preload_w2: split_down's programs load their first w2 chunk (their whole tile when BLOCK_K >= I) into
       registers before they wait for the gate-up grid, so under pdl the down stage's weight stream runs
       beside the gate-up stage's instead of after it. Only where the load sits: the same bits as without.
@@ -120,6 +125,7 @@ class MoeGemvConfig:
     evict_first: bool = False
     pdl: bool = False
     prefetch_w2: bool = False
+    pdl_gate_up: bool = False
     split_down: bool = False
     preload_w2: bool = False
     group_pairs: bool = False
@@ -137,11 +143,13 @@ SPLIT_DOWN_MAX_M = 64
 _CONFIGS: dict[tuple[int, int], MoeGemvConfig] = {
     # E=128 top-8 (Qwen3-30B-A3B)
     (2048, 768): MoeGemvConfig(BLOCK_I=16, BLOCK_D=256, BLOCK_N=16, BLOCK_K=256, gate_up_stages=3, pdl=True,
-                               split_down=True),  # fmt: skip
-    (4096, 14336): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=8, BLOCK_K=512),  # E=8 top-2 (Mixtral 8x7B)
-    # E=256 top-6
-    (4096, 2048): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=4, BLOCK_K=512, gate_up_stages=3, down_stages=3,
-                                pdl=True),  # fmt: skip
+                               split_down=True, preload_w2=True, pdl_gate_up=True),  # fmt: skip
+    # E=8 top-2 (Mixtral 8x7B): E=256's H200 tiles (same D) with a pipelined down loop over its long I
+    (4096, 14336): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=4, BLOCK_K=512, gate_up_stages=3, down_stages=3,
+                                 pdl=True, split_down=True, preload_w2=True, pdl_gate_up=True),  # fmt: skip
+    # E=256 top-6: whole w2 tiles (BLOCK_K = I) preloaded
+    (4096, 2048): MoeGemvConfig(BLOCK_I=8, BLOCK_D=512, BLOCK_N=4, BLOCK_K=2048, gate_up_stages=3, pdl=True,
+                                split_down=True, preload_w2=True, pdl_gate_up=True),  # fmt: skip
 }
 
 
@@ -201,11 +209,14 @@ def _gate_up_silu_kernel(
     STAGES: tl.constexpr,
     EVICT: tl.constexpr,
     USE_PDL: tl.constexpr,
+    WAIT_PREVIOUS: tl.constexpr,
 ):
     if USE_PDL:
         # Every program is resident once all have passed this point: the down kernel may start taking the
         # SM slots that free up (it waits for this whole grid before reading h).
         tl.extra.cuda.gdc_launch_dependents()
+    if WAIT_PREVIOUS:
+        tl.extra.cuda.gdc_wait()  # pdl_gate_up: x and topk_ids are the previous kernel's; nothing is read before
     pair = tl.program_id(0)  # p = m * K + k
     iblk = tl.program_id(1)
     m = pair // K
@@ -468,9 +479,12 @@ def _gate_up_grouped_kernel(
     STAGES: tl.constexpr,
     EVICT: tl.constexpr,
     USE_PDL: tl.constexpr,
+    WAIT_PREVIOUS: tl.constexpr,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    if WAIT_PREVIOUS:
+        tl.extra.cuda.gdc_wait()  # as in `_gate_up_silu_kernel`
     pos = tl.program_id(0)
     iblk = tl.program_id(1)
     e, leader = _run_head(order_ptr, ids_ptr, pos, K, stride_idm)
@@ -653,19 +667,20 @@ def launch_gate_up(hidden_states, w13, topk_ids, h, cfg: MoeGemvConfig, pdl: boo
     (M, D), K, I = hidden_states.shape, topk_ids.shape[1], h.shape[1]
     grid = (M * K, triton.cdiv(I, cfg.BLOCK_I))
     evict = "evict_first" if cfg.evict_first else ""
+    wait = cfg.pdl_gate_up and _pdl_supported(h.device)
     if cfg.group_pairs:
         _gate_up_grouped_kernel[grid](
             hidden_states, w13, topk_ids, pair_order(topk_ids) if order is None else order, h,
             hidden_states.stride(0), topk_ids.stride(0), M * K,
             D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, G=PAIR_GROUP, STAGES=cfg.gate_up_stages,
-            EVICT=evict, USE_PDL=pdl, num_warps=cfg.gate_up_warps,
+            EVICT=evict, USE_PDL=pdl, WAIT_PREVIOUS=wait, num_warps=cfg.gate_up_warps, launch_pdl=wait,
         )  # fmt: skip
         return
     _gate_up_silu_kernel[grid](
         hidden_states, w13, topk_ids, h,
         hidden_states.stride(0), topk_ids.stride(0),
         D=D, I=I, K=K, BLOCK_I=cfg.BLOCK_I, BLOCK_D=cfg.BLOCK_D, STAGES=cfg.gate_up_stages,
-        EVICT=evict, USE_PDL=pdl, num_warps=cfg.gate_up_warps,
+        EVICT=evict, USE_PDL=pdl, WAIT_PREVIOUS=wait, num_warps=cfg.gate_up_warps, launch_pdl=wait,
     )  # fmt: skip
 
 

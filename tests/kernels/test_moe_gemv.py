@@ -57,7 +57,7 @@ CONFIG_AXES = [
     dataclasses.replace(SMALL, down_stages=3),
     dataclasses.replace(SMALL, BLOCK_I=4, BLOCK_D=64, BLOCK_N=2, BLOCK_K=32, gate_up_warps=2, down_warps=8),
     dataclasses.replace(SMALL, evict_first=True),
-    dataclasses.replace(SMALL, pdl=True, prefetch_w2=True),
+    dataclasses.replace(SMALL, pdl=True, prefetch_w2=True, pdl_gate_up=True),
     dataclasses.replace(SMALL, split_down=True),
     dataclasses.replace(SMALL, split_down=True, preload_w2=True, down_stages=2),  # chunk 0 of 3 preloaded
     dataclasses.replace(SMALL, group_pairs=True, BLOCK_D=16, BLOCK_K=8, gate_up_stages=2),
@@ -281,15 +281,22 @@ def test_gpu_pdl_and_hints_bitwise_equal_in_a_graph(E, K, D, I):
 
     x, w13, w2, tw, ids = make_moe(8, E, K, D, I, seed=15, device="cuda")
     base = moe_gemv_config(D, I)
-    expected = moe_gemv(x, w13, w2, tw, ids, config=base)
-    # the same with split_down: its per-pair programs wait for h, the last arrival per row block combines
-    # and with preload_w2: they hold (the first chunk of) their weights while they wait
-    for cfg in (dataclasses.replace(base, pdl=True, prefetch_w2=True, evict_first=True),
-                dataclasses.replace(base, pdl=True, split_down=True),
-                dataclasses.replace(base, pdl=True, split_down=True, preload_w2=True)):  # fmt: skip
+    # Eager, no PDL, one down program per token: the bits every scheduling variant must replay.
+    plain = dataclasses.replace(base, pdl=False, pdl_gate_up=False, split_down=False, preload_w2=False)
+    expected = moe_gemv(x, w13, w2, tw, ids, config=plain)
+    # the table's config; prefetch and eviction hints; split_down (its per-pair programs wait for h, the
+    # last arrival per row block combines), with or without preload_w2 (they hold their first w2 chunk
+    # while they wait); pdl_gate_up with and without a dependent down kernel (each call's gate-up waits
+    # for the previous call's down kernel)
+    for cfg in (base,
+                dataclasses.replace(plain, pdl=True, prefetch_w2=True, evict_first=True),
+                dataclasses.replace(plain, pdl=True, split_down=True),
+                dataclasses.replace(plain, pdl=True, split_down=True, preload_w2=True),
+                dataclasses.replace(plain, pdl_gate_up=True),
+                dataclasses.replace(plain, pdl=True, split_down=True, pdl_gate_up=True)):  # fmt: skip
         _assert_graph_replays_bitwise(x, w13, w2, tw, ids, cfg, expected)
     if I <= 2048:  # the whole tile in registers (Mixtral's 14336 would not fit)
-        whole = dataclasses.replace(base, BLOCK_K=triton.next_power_of_2(I), down_warps=4)
+        whole = dataclasses.replace(plain, BLOCK_K=triton.next_power_of_2(I), down_warps=4)
         preloaded = dataclasses.replace(whole, pdl=True, split_down=True, preload_w2=True)
         _assert_graph_replays_bitwise(x, w13, w2, tw, ids, preloaded, moe_gemv(x, w13, w2, tw, ids, config=whole))
     # group_pairs has bits of its own: the graph must replay its eager output, which is batch-invariant
