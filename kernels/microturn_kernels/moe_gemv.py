@@ -137,9 +137,9 @@ class MoeGemvConfig:
 SPLIT_DOWN_MAX_M = 64
 
 
-# Keyed by (D, I). The first and last: each field group's best of the H200 sweep, merged
-# (benchmarks/results/moe_sweep_h200.json); Mixtral's: an H100 starting point, not yet swept on the H200.
-# Changing an entry changes low bits of outputs.
+# Keyed by (D, I). The first and last: the H200 sweeps' best (benchmarks/results/moe_sweep_h200.json,
+# moe_sweep_pdl_h200.json); Mixtral's: E=256's tiles, timed on the H200 in moe_decode_h200.json but not swept
+# there (docs/moe.md). Changing an entry may change low bits (the sweep records, per candidate, whether it did).
 _CONFIGS: dict[tuple[int, int], MoeGemvConfig] = {
     # E=128 top-8 (Qwen3-30B-A3B)
     (2048, 768): MoeGemvConfig(BLOCK_I=16, BLOCK_D=256, BLOCK_N=16, BLOCK_K=256, gate_up_stages=3, pdl=True,

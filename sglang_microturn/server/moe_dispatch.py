@@ -18,9 +18,8 @@ exceeds half the experts, pairs share experts and SGLang's grouped GEMM reuses e
 Measured on an H100 (benchmarks/results/moe_decode_h100.json), ours is faster exactly where M * K <= E / 2:
 E=128 K=8 up to M=8 (1.02-1.21x), E=8 K=2 up to M=2 (1.04-1.27x), E=256 K=6 up to M=16 (1.01-1.06x), and
 slower beyond (0.94x at E=128 M=16, 0.94-0.41x at E=8 M>=4, 0.97x at E=256 M=32). On an H200 with the
-H200-swept table (benchmarks/results/moe_decode_h200.json): E=128 1.09-1.39x up to M=8, E=256 1.01-1.15x up
-to M=16, but E=8 0.99x at M=1 and 0.95x at M=2, inside the bound: a Mixtral-sized expert (352 MB, 7x L2)
-is read once per pair that picks it, L2 catching only part of the repeats (docs/moe.md, H200).
+H200 table (benchmarks/results/moe_decode_h200.json, commit ae52c2e) the same: E=128 1.12-1.39x up to M=8,
+E=8 1.12x / 1.04x at M=1 / 2, E=256 1.01-1.21x up to M=16, and 0.26-0.95x outside the bound (docs/moe.md).
 
 Environment, read once by `install()`:
   MICROTURN_MOE_GEMV_MAX_TOKENS  largest M routed to the GEMV kernels (default 16; 0 disables the route)
